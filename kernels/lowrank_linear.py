@@ -1,0 +1,313 @@
+"""The fused linear + low-rank engine: one GEMM kernel and one low-rank backward kernel.
+
+Every adapter of pefttriton reduces to
+
+    y = x W^T + bias + b * ((scale * d * (x A^T)) B^T)
+
+and these two kernels implement it, forward and backward, with no (tokens, out) intermediate:
+
+* ``_linear_lowrank_kernel`` is the tiled GEMM of the Triton tutorial with a second K segment:
+  after the K loop over the input features of ``W`` it runs over the rank of the low-rank path
+  (a concatenated-K GEMM), so ``y`` is written once. ``b`` scales the low-rank tile of ``B``
+  (``b * (h B^T) == h (b * B)^T``), ``bias`` is added in the epilogue. The same kernel serves the
+  down projection ``x A^T`` (no low-rank segment) and ``grad_x = g W + gh A`` (strides swapped).
+* ``_lowrank_grad_kernel`` reads the output gradient ``g`` tile by tile and produces, in one pass,
+  ``gh = scale * d * ((b * g) B)`` and per-block partial sums of ``grad_d`` and ``grad_b``.
+
+Kernel-local names use GEMM letters: M rows (tokens), N output columns, K reduction, R rank.
+Launchers take 2-D tensors of any strides; validation and autograd live in ``pefttriton.ops``.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9): under it, bf16 tiles are
+# upcast to fp32 before each dot. Compiled GPU kernels never take that branch.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(block_m, block_n, block_k, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# Tile shapes of the Triton matmul tutorial that suit A100 and H100 for 16-bit inputs, plus
+# narrow ones for the down projection, whose output width is the rank (often < 64).
+# Each is checked by the kernel report (``python -m pefttriton.kernel_report``) to compile
+# without spills for sm_80 and sm_90 in fp16, bf16 and fp32.
+GEMM_CONFIGS = [
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(128, 32, 32, 4, 4),
+    _config(64, 32, 64, 4, 4),
+    _config(128, 16, 64, 4, 3),
+]
+INTERPRET_GEMM_CONFIGS = [_config(32, 32, 32, 4, 1)]
+
+# The low-rank backward kernel: BLOCK_M and BLOCK_R are picked from the rank by the launcher
+# (they size the partial-sum buffers), only the sweep over the output columns is tuned.
+GRAD_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+INTERPRET_GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+def grad_blocks(rank: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_R) of the low-rank backward kernel for a given rank.
+
+    ``tl.dot`` needs every dimension >= 16 and ``tl.arange`` a power of two, so small ranks
+    are padded (masked) up to 16. Above 64 the rank is split across programs: each one then
+    reads ``g`` once, so ``g`` is read ``ceil(r / 64)`` times in all.
+    """
+    block_r = max(16, min(64, triton.next_power_of_2(rank)))
+    return 64, block_r
+
+
+@triton.autotune(configs=INTERPRET_GEMM_CONFIGS if INTERPRET else GEMM_CONFIGS, key=["M", "N", "K", "R"])
+@triton.jit
+def _linear_lowrank_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, y_ptr,
+    M, N, K, R, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_hm, stride_hr, stride_lbn, stride_lbr,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BVEC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] w[N, K]^T + bias[N] + bvec[N] * ((scale * d[R] * h[M, R]) lb[N, R]^T)."""
+    # Grouped program order: GROUP_M row blocks share each column block while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Row offsets in int64: tokens * features may exceed 2**31 elements.
+    rows = offs_m.to(tl.int64)
+    acc_dtype: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else w_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w_tile = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(x_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LOWRANK:
+        # Second K segment: the rank, padded to BLOCK_K with masks.
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hr
+        lb_ptrs = lb_ptr + offs_k[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
+        if HAS_BVEC:
+            bvec = tl.load(bvec_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
+        for r in range(0, tl.cdiv(R, BLOCK_K)):
+            r_left = R - r * BLOCK_K
+            mask_r = offs_k < r_left
+            h_tile = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(acc_dtype)
+            if HAS_D:
+                d = tl.load(d_ptr + r * BLOCK_K + offs_k, mask=mask_r, other=0.0).to(acc_dtype)
+                h_tile = h_tile * (d * scale)[None, :]
+            else:
+                h_tile = h_tile * scale
+            lb_tile = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if HAS_BVEC:
+                lb_tile = lb_tile.to(acc_dtype) * bvec[None, :]
+            acc = tl.dot(h_tile.to(dot_dtype), lb_tile.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+            h_ptrs += BLOCK_K * stride_hr
+            lb_ptrs += BLOCK_K * stride_lbr
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M", "N", "R"])
+@triton.jit
+def _lowrank_grad_kernel(
+    g_ptr, xa_ptr, d_ptr, lb_ptr, bvec_ptr, gh_ptr, grad_d_part_ptr, grad_b_part_ptr,
+    M, N, R, scale,
+    stride_gm, stride_gn, stride_xam, stride_xar, stride_lbn, stride_lbr, stride_ghm, stride_ghr,
+    HAS_D: tl.constexpr, HAS_BVEC: tl.constexpr, NEED_GRAD_D: tl.constexpr, NEED_GRAD_B: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per (row block, rank block); it sweeps g[M, N] once along N and produces
+
+    gh[M, R]           = scale * d * ((bvec * g) lb)
+    grad_d_part[pm, R] = sum over its rows of xa * ((bvec * g) lb)         (times scale later)
+    grad_b_part[pm * num_r_blocks + pr, N] = sum over its rows of g * (h lb^T)[:, this rank block]
+    with h = scale * d * xa. Partial sums are reduced by the launcher (deterministic, no atomics).
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rows = offs_m.to(tl.int64)
+    acc_dtype: tl.constexpr = tl.float64 if lb_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else lb_ptr.dtype.element_ty
+
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    xa = tl.load(xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar, mask=mask_mr, other=0.0)
+    xa = xa.to(acc_dtype)
+    if HAS_D:
+        dscale = tl.load(d_ptr + offs_r, mask=mask_r, other=0.0).to(acc_dtype) * scale
+    else:
+        dscale = tl.zeros((BLOCK_R,), dtype=acc_dtype) + scale
+    if NEED_GRAD_B:
+        h = (xa * dscale[None, :]).to(dot_dtype)
+
+    gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
+    part_row = pid_m * tl.num_programs(1) + pid_r
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        mask_n = offs_n < N - n * BLOCK_N
+        g_tile = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        lb_tile = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(dot_dtype)  # (R, N)
+        if NEED_GRAD_B:
+            # This rank block's share of h B^T, recomputed here instead of saved in forward.
+            lowrank_out = tl.dot(h, lb_tile, input_precision=INPUT_PRECISION)
+            part = tl.sum(g_tile.to(acc_dtype) * lowrank_out, axis=0)
+            tl.store(grad_b_part_ptr + part_row * N + n * BLOCK_N + offs_n, part, mask=mask_n)
+        if HAS_BVEC:
+            bvec = tl.load(bvec_ptr + n * BLOCK_N + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
+            g_tile = g_tile.to(acc_dtype) * bvec[None, :]
+        gb = tl.dot(g_tile.to(dot_dtype), tl.trans(lb_tile), gb, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_N * stride_gn
+        lb_ptrs += BLOCK_N * stride_lbn
+
+    gh = gb * dscale[None, :]
+    tl.store(gh_ptr + rows[:, None] * stride_ghm + offs_r[None, :] * stride_ghr, gh, mask=mask_mr)
+    if NEED_GRAD_D:
+        tl.store(grad_d_part_ptr + pid_m * R + offs_r, tl.sum(xa * gb, axis=0), mask=mask_r)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """Precision of fp32 dots: TF32 exactly when PyTorch's own fp32 matmuls may use it.
+
+    Following ``torch.backends.cuda.matmul.allow_tf32`` (off by default) keeps the fused op as
+    precise as the unfused layers it replaces. 16-bit inputs ignore it.
+    """
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_lowrank(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    lowrank_B: torch.Tensor | None = None,
+    d: torch.Tensor | None = None,
+    bvec: torch.Tensor | None = None,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias + bvec * ((scale * d * h) @ lowrank_B.T)`` in one launch.
+
+    x: (M, K), weight: (N, K), bias/bvec: (N,), h: (M, R), lowrank_B: (N, R), d: (R,).
+    Any strides (pass a transposed view to multiply by a matrix instead of its transpose).
+    Returns a new contiguous (M, N) tensor of ``out_dtype`` (default ``x.dtype``).
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    has_lowrank = h is not None
+    R = h.shape[1] if has_lowrank else 0
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0 or N == 0:
+        return y
+    dummy = weight  # never read: its constexpr flag is off
+    h_ = h if has_lowrank else dummy
+    lb = lowrank_B if has_lowrank else dummy
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _linear_lowrank_kernel[grid](
+        x, weight, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
+        bvec if bvec is not None else dummy, y,
+        M, N, K, R, float(scale),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None, HAS_BVEC=bvec is not None,
+        INPUT_PRECISION=input_precision(weight.dtype), DOT_IN_FP32=_dot_in_fp32(weight.dtype),
+    )
+    return y
+
+
+def lowrank_grads(
+    g: torch.Tensor,
+    xa: torch.Tensor,
+    lowrank_B: torch.Tensor,
+    d: torch.Tensor | None,
+    bvec: torch.Tensor | None,
+    scale: float,
+    need_grad_d: bool,
+    need_grad_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Low-rank part of the backward of ``y = ... + bvec * ((scale * d * xa) @ lowrank_B.T)``.
+
+    g: (M, N) output gradient, xa: (M, R) saved ``x @ A.T``, lowrank_B: (N, R), d: (R,), bvec: (N,).
+    Returns, in the accumulation dtype (fp32, or fp64 for fp64 inputs): ``gh`` (M, R), the
+    gradient with respect to ``x @ A.T``; ``grad_d`` (R,) or None; ``grad_b`` (N,) or None.
+    """
+    M, N = g.shape
+    R = xa.shape[1]
+    block_m, block_r = grad_blocks(R)
+    m_blocks, r_blocks = triton.cdiv(M, block_m), triton.cdiv(R, block_r)
+    acc = acc_dtype(lowrank_B.dtype)
+    gh = torch.empty((M, R), device=g.device, dtype=acc)
+    grad_d_part = torch.zeros((m_blocks, R) if need_grad_d else (1,), device=g.device, dtype=acc)
+    grad_b_part = torch.zeros((m_blocks * r_blocks, N) if need_grad_b else (1,), device=g.device, dtype=acc)
+    if M > 0:
+        dummy = xa
+        _lowrank_grad_kernel[(m_blocks, r_blocks)](
+            g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
+            gh, grad_d_part, grad_b_part,
+            M, N, R, float(scale),
+            g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
+            lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
+            HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
+            INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=_dot_in_fp32(lowrank_B.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r,
+        )
+    grad_d = grad_d_part.sum(0).mul_(scale) if need_grad_d else None
+    grad_b = grad_b_part.sum(0) if need_grad_b else None
+    return gh, grad_d, grad_b

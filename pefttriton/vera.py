@@ -1,0 +1,173 @@
+"""VeRA as a drop-in module: ``h = W0 x + lambda_b * (B (lambda_d * (A x)))``.
+
+``A`` (r, n) and ``B`` (m, r) are frozen random projections shared by every adapted layer and
+regenerable from an integer seed, drawn exactly as PEFT's VeRA draws them; only the vectors
+``lambda_d`` (r,) and ``lambda_b`` (m,) train.
+"""
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from pefttriton.ops import vera_linear
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    # PEFT's ``_kaiming_init``: fp32 on the CPU, bound sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1].
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeRAProjections(nn.Module):
+    """The frozen random projections shared by VeRA layers.
+
+    ``vera_A`` (r, max_in_features) and ``vera_B`` (max_out_features, r) are drawn from
+    ``torch.Generator("cpu").manual_seed(seed)``, ``vera_A`` first, so they are bit-identical to
+    PEFT's ``vera_A`` / ``vera_B`` for ``projection_prng_key=seed``. They are non-persistent
+    buffers: a checkpoint needs only the seed. A layer of shape (m, n) uses
+    ``vera_A[:r, :n]`` and ``vera_B[:m, :r]``.
+
+    Args:
+        r: rank of the projections (>= every layer's rank).
+        max_in_features: width of ``vera_A``, >= every layer's in_features.
+        max_out_features: height of ``vera_B``, >= every layer's out_features.
+        seed: the PRNG seed (PEFT's ``projection_prng_key``).
+        dtype, device: where the buffers live (drawn in fp32 on the CPU first, then cast).
+    """
+
+    def __init__(
+        self,
+        r: int,
+        max_in_features: int,
+        max_out_features: int,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("r", r), ("max_in_features", max_in_features), ("max_out_features", max_out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.r, self.seed = r, seed
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        vera_A = _kaiming_uniform((r, max_in_features), generator)
+        vera_B = _kaiming_uniform((max_out_features, r), generator)
+        self.register_buffer("vera_A", vera_A.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("vera_B", vera_B.to(device=device, dtype=dtype), persistent=False)
+
+    @property
+    def max_in_features(self) -> int:
+        return self.vera_A.shape[1]
+
+    @property
+    def max_out_features(self) -> int:
+        return self.vera_B.shape[0]
+
+    def slices(self, r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(A, B)`` of shapes (r, in_features) and (out_features, r); no copy."""
+        if r > self.r or in_features > self.max_in_features or out_features > self.max_out_features:
+            raise ValueError(
+                f"projections of rank {self.r}, max_in_features {self.max_in_features}, max_out_features "
+                f"{self.max_out_features} are smaller than a layer with r={r}, in_features={in_features}, "
+                f"out_features={out_features}"
+            )
+        return self.vera_A[:r, :in_features], self.vera_B[:out_features, :r]
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, max_in_features={self.max_in_features}, max_out_features={self.max_out_features}, seed={self.seed}"
+
+
+class FusedVeRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a VeRA adapter, computed by the fused engine.
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
+        r: VeRA rank (the paper uses 256 to 1024).
+        projection_seed: seed of the shared projections when this layer makes its own.
+        d_initial: initial value of every entry of ``lambda_d`` (``lambda_b`` starts at 0, so the
+            layer starts exactly at the base layer).
+        projections: a :class:`VeRAProjections` shared with other layers; made from
+            ``projection_seed`` and this layer's shape when None.
+
+    Trainable parameters: ``lambda_d`` (r,) and ``lambda_b`` (out_features,), float32.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        *,
+        projection_seed: int = 0,
+        d_initial: float = 0.1,
+        projections: VeRAProjections | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        weight = base_layer.weight
+        if projections is None:
+            projections = VeRAProjections(
+                r, base_layer.in_features, base_layer.out_features, projection_seed, weight.dtype, weight.device
+            )
+        elif not isinstance(projections, VeRAProjections):
+            raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
+        projections.slices(r, base_layer.in_features, base_layer.out_features)  # raises if too small
+        if projections.vera_A.dtype != weight.dtype or projections.vera_A.device != weight.device:
+            raise ValueError(
+                f"projections are {projections.vera_A.dtype} on {projections.vera_A.device} but the base layer is "
+                f"{weight.dtype} on {weight.device}; build them with the base layer's dtype and device"
+            )
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.projections = projections
+        self.r = r
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device))
+        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device))
+        self.merged = False
+
+    def projection_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's ``A`` (r, in_features) and ``B`` (out_features, r)."""
+        return self.projections.slices(self.r, self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        A, B = self.projection_slices()
+        return vera_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.lambda_d, self.lambda_b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``lambda_b * B @ (lambda_d * A)``, (out_features, in_features), in fp32."""
+        A, B = self.projection_slices()
+        return (self.lambda_b.float()[:, None] * B.float()) @ (self.lambda_d.float()[:, None] * A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into the base weight; forward then runs the plain base layer."""
+        if self.merged:
+            warnings.warn("FusedVeRALinear is already merged; nothing to do", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter from the base weight again."""
+        if not self.merged:
+            warnings.warn("FusedVeRALinear is not merged; nothing to do", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"seed={self.projections.seed}, merged={self.merged}"
+        )

@@ -1,0 +1,30 @@
+"""Install pefttriton.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
+installed as ``pefttriton.kernels``: a top-level module named ``kernels`` belongs to
+another PyPI package (which transformers imports), so it must never be shadowed.
+"""
+
+from setuptools import setup
+
+setup(
+    name="pefttriton",
+    version="0.1.0",
+    description="Fused Triton kernels for parameter-efficient fine-tuning (VeRA, LoRA, Deep LoRA, LoRMA)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels"],
+    package_dir={"pefttriton.kernels": "kernels"},
+    install_requires=[
+        # torch>=2.4 for torch.library.custom_op; on CPU machines install the CPU wheel first.
+        "torch>=2.4",
+        "triton>=3.1",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7"],
+    },
+)
