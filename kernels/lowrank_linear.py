@@ -37,28 +37,61 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
     )
 
 
-# Tile shapes of the Triton matmul tutorial that suit A100 and H100 for 16-bit inputs, plus
-# narrow ones for the down projection, whose output width is the rank (often < 64).
-# Each is checked by the kernel report (``python -m pefttriton.kernel_report``) to compile
-# without spills for sm_80 and sm_90 in fp16, bf16 and fp32.
-GEMM_CONFIGS = [
-    _config(128, 128, 32, 4, 4),
-    _config(128, 64, 32, 4, 4),
-    _config(64, 128, 32, 4, 4),
-    _config(64, 64, 32, 4, 4),
-    _config(128, 32, 32, 4, 4),
-    _config(64, 32, 64, 4, 4),
-    _config(128, 16, 64, 4, 3),
-]
+# Autotune configs per dot family, chosen so that every one compiles without spills for sm_80 and
+# sm_90 at every call site (``python -m pefttriton.kernel_report`` checks; a test enforces it).
+# 16-bit: tutorial tile shapes, 8 warps for 128x128 (4 warps spill once the low-rank segment and
+# epilogue vectors are live), plus narrow tiles for the down projection, whose width is the rank.
+# fp32 IEEE dots run on FMA units and hold far more registers per tile, so their tiles are small.
+GEMM_CONFIGS = {
+    "16-bit": [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 128, 32, 8, 4),
+        _config(128, 64, 32, 4, 4),
+        _config(64, 128, 32, 4, 4),
+        _config(64, 64, 32, 4, 4),
+        _config(128, 32, 32, 4, 4),
+        _config(64, 32, 64, 4, 4),
+        _config(64, 16, 64, 4, 3),
+    ],
+    "fp32": [
+        _config(128, 128, 16, 8, 3),
+        _config(64, 64, 16, 4, 3),
+        _config(32, 64, 32, 4, 3),
+        _config(64, 32, 16, 4, 3),
+    ],
+    "tf32": [
+        _config(128, 128, 32, 8, 3),
+        _config(64, 128, 32, 4, 3),
+        _config(64, 64, 32, 4, 3),
+        _config(128, 32, 32, 4, 3),
+        _config(64, 16, 32, 4, 3),
+    ],
+}
 INTERPRET_GEMM_CONFIGS = [_config(32, 32, 32, 4, 1)]
 
 # The low-rank backward kernel: BLOCK_M and BLOCK_R are picked from the rank by the launcher
-# (they size the partial-sum buffers), only the sweep over the output columns is tuned.
+# (they size the partial-sum buffers), only the sweep over the output columns is tuned. With
+# 4 warps, BLOCK_N=64 spills at BLOCK_R=64; these two do not, for every dtype.
 GRAD_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=3),
 ]
 INTERPRET_GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+def gemm_family(dtype: torch.dtype, input_precision: str) -> str:
+    """Which list of ``GEMM_CONFIGS`` serves inputs of ``dtype`` at ``input_precision``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16-bit"
+    return "tf32" if input_precision == "tf32" else "fp32"
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    dtype = named_args["w_ptr"].dtype
+    family = GEMM_CONFIGS[gemm_family(dtype, kwargs["INPUT_PRECISION"])]
+    return [config for config in configs if any(config is mine for mine in family)]
 
 
 def grad_blocks(rank: int) -> tuple[int, int]:
@@ -72,7 +105,11 @@ def grad_blocks(rank: int) -> tuple[int, int]:
     return 64, block_r
 
 
-@triton.autotune(configs=INTERPRET_GEMM_CONFIGS if INTERPRET else GEMM_CONFIGS, key=["M", "N", "K", "R"])
+@triton.autotune(
+    configs=INTERPRET_GEMM_CONFIGS if INTERPRET else [c for family in GEMM_CONFIGS.values() for c in family],
+    key=["M", "N", "K", "R", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)
 @triton.jit
 def _linear_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, y_ptr,

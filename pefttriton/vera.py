@@ -91,7 +91,8 @@ class FusedVeRALinear(nn.Module):
         projections: a :class:`VeRAProjections` shared with other layers; made from
             ``projection_seed`` and this layer's shape when None.
 
-    Trainable parameters: ``lambda_d`` (r,) and ``lambda_b`` (out_features,), float32.
+    Trainable parameters: ``lambda_d`` (r,) and ``lambda_b`` (out_features,), float32 (float64
+    for a float64 base layer).
     """
 
     def __init__(
@@ -127,8 +128,10 @@ class FusedVeRALinear(nn.Module):
         self.r = r
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device))
-        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device))
+        # fp32 vectors (fp64 for an fp64 layer): 16-bit trainable parameters lose their updates.
+        lambda_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device, dtype=lambda_dtype))
+        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=lambda_dtype))
         self.merged = False
 
     def projection_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,28 +145,31 @@ class FusedVeRALinear(nn.Module):
         return vera_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.lambda_d, self.lambda_b)
 
     def delta_weight(self) -> torch.Tensor:
-        """``lambda_b * B @ (lambda_d * A)``, (out_features, in_features), in fp32."""
+        """``lambda_b * B @ (lambda_d * A)``, (out_features, in_features), in fp32 (fp64 for an fp64 layer)."""
         A, B = self.projection_slices()
-        return (self.lambda_b.float()[:, None] * B.float()) @ (self.lambda_d.float()[:, None] * A.float())
+        dtype = self.lambda_d.dtype
+        return (self.lambda_b[:, None] * B.to(dtype)) @ (self.lambda_d.to(dtype)[:, None] * A.to(dtype))
 
     @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
+
     def merge(self) -> None:
         """Add the adapter into the base weight; forward then runs the plain base layer."""
         if self.merged:
             warnings.warn("FusedVeRALinear is already merged; nothing to do", stacklevel=2)
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self._add_delta(1.0)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the adapter from the base weight again."""
         if not self.merged:
             warnings.warn("FusedVeRALinear is not merged; nothing to do", stacklevel=2)
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self._add_delta(-1.0)
         self.merged = False
 
     def extra_repr(self) -> str:

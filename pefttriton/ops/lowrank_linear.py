@@ -186,7 +186,7 @@ def _check_tensor(name: str, t, shape: tuple, like: Tensor, dtypes: tuple) -> No
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        names = " or ".join(str(dt) for dt in dtypes)
+        names = " or ".join(dict.fromkeys(str(dt) for dt in dtypes))
         raise TypeError(f"{name} must have dtype {names} (like x), got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but x is on {like.device}; put all inputs on one device")
@@ -225,13 +225,17 @@ def lowrank_linear(
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have shape (..., in_features), got a scalar")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got {getattr(weight, 'shape', weight)}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
     m, n = weight.shape
     if x.shape[-1] != n:
         raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
-    if not isinstance(A, Tensor) or A.dim() != 2:
-        raise ValueError(f"A must be a 2-D (r, in_features) tensor, got {getattr(A, 'shape', A)}")
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2:
+        raise ValueError(f"A must be a 2-D (r, in_features) tensor, got shape {tuple(A.shape)}")
     r = A.shape[0]
     if r < 1:
         raise ValueError(f"rank r must be >= 1, got A of shape {tuple(A.shape)}")
@@ -246,8 +250,10 @@ def lowrank_linear(
         _check_tensor("d", d, (r,), x, with_fp32)
     if b is not None:
         _check_tensor("b", b, (m,), x, with_fp32)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
 
     lead = x.shape[:-1]
     y, _ = _lowrank_linear_fwd(x.reshape(-1, n), weight, bias, A, B, d, b, float(scale))

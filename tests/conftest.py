@@ -1,0 +1,56 @@
+"""Shared test setup.
+
+There is no GPU on the test machines: the Triton kernels run on the CPU under Triton's
+interpreter. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so it
+must be set before pefttriton (and with it ``pefttriton.kernels``) is imported. conftest.py is
+imported by pytest before any test module, hence the assignment at the very top.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import pefttriton  # noqa: E402
+from pefttriton.kernels import lowrank_linear as _kernels  # noqa: E402
+
+if not _kernels.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
+    raise RuntimeError(
+        "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
+    )
+
+BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """No test may leak a backend choice into the next one."""
+    previous = pefttriton.get_backend()
+    yield
+    pefttriton.set_backend(previous)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test once per backend ("triton" goes through the interpreter); yields its name."""
+    with pefttriton.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator, so every test draws the same inputs on every run."""
+    return torch.Generator(device="cpu").manual_seed(1234)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected|, computed in float64."""
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / max(scale, 1e-300)

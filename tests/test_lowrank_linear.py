@@ -1,0 +1,358 @@
+"""``pefttriton.lowrank_linear`` against the naive float64 reference, on both backends.
+
+The "triton" backend runs the real Triton kernels through the CPU interpreter (see conftest.py).
+Every comparison is against ``pefttriton.reference.lowrank_linear_reference`` evaluated with
+float64 copies of the very same inputs and differentiated by plain autograd.
+"""
+
+import pytest
+import torch
+from conftest import BACKENDS, rel_err
+
+import pefttriton
+from pefttriton import lowrank_linear
+from pefttriton.kernels import lowrank_linear as kernels
+from pefttriton.reference import lowrank_linear_reference
+
+NAMES = ("x", "weight", "bias", "A", "B", "d", "b")
+
+# Relative error max|a - ref| / max|ref| allowed per dtype (outputs and gradients alike).
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    # bf16 under the interpreter: the kernels upcast bf16 tiles to fp32 before every tl.dot
+    # (the interpreter's bf16 dot is broken, design.md section 4), so these tests cover loads,
+    # masks, scaling, accumulation and bf16 stores, but NOT the bf16 tensor-core dot instruction
+    # that compiled GPU kernels use.
+    torch.bfloat16: 3e-2,
+}
+
+# Shapes (N, n, m) that are multiples of no block size. The second one has N > 64 (several row
+# blocks in both kernels, so partial sums of grad_d / grad_b are reduced across blocks), n < 32
+# and m > 64.
+SHAPE_A = (37, 70, 45)
+SHAPE_B = (131, 19, 83)
+
+
+def make_inputs(gen, N, n, m, r, *, dtype=torch.float32, lead=None, bias=True, d=True, b=True,
+                requires_grad=NAMES, vec_dtype=None):
+    """Random inputs; ``lead`` replaces (N,) as the leading shape of x; None for absent ones."""
+    vec_dtype = vec_dtype or dtype
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dt)
+
+    lead = (N,) if lead is None else tuple(lead)
+    t = {
+        "x": rnd(*lead, n),
+        "weight": rnd(m, n) / n**0.5,
+        "bias": rnd(m) if bias else None,
+        "A": rnd(r, n) / n**0.5,
+        "B": rnd(m, r),
+        "d": rnd(r, dt=vec_dtype) if d else None,
+        "b": rnd(m, dt=vec_dtype) if b else None,
+    }
+    for name in requires_grad:
+        if t[name] is not None:
+            t[name].requires_grad_(True)
+    return t
+
+
+def check_against_reference(t, scale, tol, gen):
+    """Forward and every gradient of lowrank_linear vs the float64 reference."""
+    args = [t[k] for k in NAMES]
+    y = lowrank_linear(*args, scale=scale)
+    x, weight = t["x"], t["weight"]
+    assert y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], weight.shape[0])
+
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if a is not None else None for a in args]
+    y_ref = lowrank_linear_reference(*ref_args, scale=scale)
+    err = rel_err(y, y_ref)
+    assert err < tol, f"output: relative error {err:.2e} >= {tol:.0e}"
+
+    wrt = [k for k in NAMES if t[k] is not None and t[k].requires_grad]
+    if not wrt:
+        return
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, [t[k] for k in wrt], grad_out)
+    ref_grads = torch.autograd.grad(y_ref, [ref_args[NAMES.index(k)] for k in wrt], grad_out.double())
+    for name, g, g_ref in zip(wrt, grads, ref_grads):
+        assert g.dtype == t[name].dtype, name
+        err = rel_err(g, g_ref)
+        assert err < tol, f"grad {name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+# ----------------------------------------------------------------------- forward and backward
+
+
+@pytest.mark.parametrize("shape", [SHAPE_A, SHAPE_B], ids=["37x70x45", "131x19x83"])
+@pytest.mark.parametrize("r", [1, 7, 16, 33, 130])
+def test_ranks_and_shapes(backend, gen, shape, r):
+    """Every tensor requires grad (weight and bias included); r = 130 splits the rank across
+    programs of the low-rank backward kernel (rank blocks of at most 64)."""
+    t = make_inputs(gen, *shape, r, dtype=torch.float32)
+    check_against_reference(t, scale=0.5, tol=TOL[torch.float32], gen=gen)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("d,b", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["no-d-no-b", "d-only", "b-only", "d-and-b"])
+def test_optional_terms(backend, gen, bias, d, b):
+    """bias / d / b present or absent, 3-D input, scale != 1, float64 (tight tolerance)."""
+    t = make_inputs(gen, *SHAPE_A, 7, dtype=torch.float64, lead=(3, 13), bias=bias, d=d, b=b)
+    check_against_reference(t, scale=1.7, tol=TOL[torch.float64], gen=gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("lead", [None, (3, 13)], ids=["2d", "3d"])
+def test_dtypes(backend, gen, dtype, lead):
+    t = make_inputs(gen, *SHAPE_A, 33, dtype=dtype, lead=lead)
+    check_against_reference(t, scale=0.25, tol=TOL[dtype], gen=gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_frozen_projections_vera_style(backend, gen, dtype):
+    """A, B, weight, bias frozen (VeRA); d and b in float32 as VeRA keeps them, x in ``dtype``."""
+    t = make_inputs(gen, *SHAPE_B, 16, dtype=dtype, vec_dtype=torch.float32, requires_grad=("x", "d", "b"))
+    check_against_reference(t, scale=1.0, tol=TOL[dtype], gen=gen)
+    assert t["A"].grad is None and t["B"].grad is None and t["weight"].grad is None
+
+
+def test_only_x_requires_grad(backend, gen):
+    t = make_inputs(gen, *SHAPE_A, 7, dtype=torch.float64, lead=(3, 13), requires_grad=("x",))
+    check_against_reference(t, scale=0.3, tol=TOL[torch.float64], gen=gen)
+
+
+def test_lora_style_trainable_A_B(backend, gen):
+    """LoRA: only A and B train, no d / b; also checks that B's gradient path works without b."""
+    t = make_inputs(gen, *SHAPE_B, 7, dtype=torch.float32, d=False, b=False, requires_grad=("A", "B"))
+    check_against_reference(t, scale=2.0, tol=TOL[torch.float32], gen=gen)
+
+
+def test_non_contiguous_inputs(backend, gen):
+    """Transposed views of x and weight (the kernels take any strides)."""
+    N, n, m, r = SHAPE_A[0], SHAPE_A[1], SHAPE_A[2], 7
+    t = make_inputs(gen, N, n, m, r, dtype=torch.float64)
+    x_t = t["x"].detach().T.contiguous().T.requires_grad_(True)  # same values, strides (1, N)
+    w_t = t["weight"].detach().T.contiguous().T.requires_grad_(True)
+    assert not x_t.is_contiguous() and not w_t.is_contiguous()
+    t["x"], t["weight"] = x_t, w_t
+    check_against_reference(t, scale=0.5, tol=TOL[torch.float64], gen=gen)
+
+
+def test_empty_input(backend, gen):
+    """Zero tokens: an empty output, zero gradients for the parameters."""
+    t = make_inputs(gen, 0, 20, 9, 3, dtype=torch.float64)
+    check_against_reference(t, scale=0.5, tol=TOL[torch.float64], gen=gen)
+    y = lowrank_linear(*[t[k] for k in NAMES], scale=0.5)
+    assert y.shape == (0, 9)
+    gd, gb = torch.autograd.grad(y.sum(), [t["d"], t["b"]])
+    assert torch.equal(gd, torch.zeros_like(gd)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_backends_agree_with_each_other(gen):
+    """Both backends, same inputs, float64: outputs and gradients agree to rounding."""
+    t = make_inputs(gen, *SHAPE_B, 33, dtype=torch.float64)
+    args = [t[k] for k in NAMES]
+    results = {}
+    for name in BACKENDS:
+        with pefttriton.use_backend(name):
+            y = lowrank_linear(*args, scale=0.7)
+            results[name] = (y, *torch.autograd.grad(y, args, torch.ones_like(y)))
+    for a, b in zip(results["torch"], results["triton"]):
+        assert rel_err(a, b) < 1e-12
+
+
+# --------------------------------------------------------------------------------- gradcheck
+
+
+def _gradcheck_inputs():
+    g = torch.Generator().manual_seed(7)
+    N, n, m, r = 5, 6, 4, 3
+    shapes = [(N, n), (m, n), (m,), (r, n), (m, r), (r,), (m,)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+
+def test_gradcheck_torch_backend():
+    inputs = _gradcheck_inputs()
+    with pefttriton.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda *a: lowrank_linear(*a, scale=0.7), inputs)
+
+
+def test_gradcheck_triton_backend():
+    """Full (slow-mode) gradcheck through the interpreter: ~4 s."""
+    inputs = _gradcheck_inputs()
+    with pefttriton.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda *a: lowrank_linear(*a, scale=0.7), inputs)
+
+
+# ------------------------------------------------------------------------ saved for backward
+
+
+def _saved_shapes(t):
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = lowrank_linear(*[t[k] for k in NAMES], scale=0.5)
+    y.sum().backward()  # the saved tensors must suffice for backward
+    return shapes
+
+
+def test_saved_for_backward_vera_style(backend, gen):
+    """VeRA (A, B, weight frozen): neither a (N, m) tensor nor x itself is kept for backward."""
+    N, n, m, r = 64, 40, 48, 8  # no two dims coincide, N*n and N*m match no other size
+    t = make_inputs(gen, N, n, m, r, requires_grad=("x", "d", "b"))
+    shapes = _saved_shapes(t)
+    assert shapes, "nothing saved at all: the hook did not see the op"
+    assert (N, r) in shapes, shapes  # x A^T is what backward uses
+    for shape in shapes:
+        numel = torch.Size(shape).numel()
+        assert shape != (N, m) and numel != N * m, f"a (tokens, out) tensor was saved: {shapes}"
+        assert numel != N * n, f"x (or a copy of its size) was saved though A and weight are frozen: {shapes}"
+    for k in ("x", "d", "b"):
+        assert t[k].grad is not None
+
+
+def test_saved_for_backward_keeps_x_when_A_trains(backend, gen):
+    """Non-vacuity of the check above: with A trainable, x (N, n) must be saved."""
+    N, n, m, r = 64, 40, 48, 8
+    t = make_inputs(gen, N, n, m, r, requires_grad=("x", "A", "d", "b"))
+    shapes = _saved_shapes(t)
+    assert (N, n) in shapes, shapes
+    assert all(s != (N, m) and torch.Size(s).numel() != N * m for s in shapes), shapes
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def _small(gen, dtype=torch.float32):
+    return make_inputs(gen, 4, 6, 5, 3, dtype=dtype, requires_grad=())
+
+
+def _call(t, **overrides):
+    t = {**t, **overrides}
+    return lowrank_linear(*[t[k] for k in NAMES], scale=overrides.get("scale", 1.0))
+
+
+def test_wrong_last_dim_of_x(gen):
+    t = _small(gen)
+    with pytest.raises(ValueError, match=r"^x must have shape \(\.\.\., 6\)"):
+        _call(t, x=torch.randn(4, 7))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "A", "B"])
+def test_mismatched_dtype(gen, name):
+    t = _small(gen)
+    with pytest.raises(TypeError, match=rf"^{name} must have dtype"):
+        _call(t, **{name: t[name].double()})
+
+
+@pytest.mark.parametrize("name", ["d", "b"])
+def test_vector_dtype_fp32_allowed_others_not(gen, name):
+    """d and b may be float32 next to 16-bit x (checked numerically elsewhere), not float64."""
+    t = _small(gen, dtype=torch.float16)
+    _call(t, **{name: t[name].float()})  # accepted
+    with pytest.raises(TypeError, match=rf"^{name} must have dtype"):
+        _call(t, **{name: t[name].double()})
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "A", "B", "d", "b"])
+def test_mismatched_device(gen, name):
+    t = _small(gen)
+    with pytest.raises(ValueError, match=rf"^{name} is on meta but x is on cpu"):
+        _call(t, **{name: t[name].to("meta")})
+
+
+def test_rank_zero(gen):
+    t = _small(gen)
+    with pytest.raises(ValueError, match="rank"):
+        _call(t, A=torch.randn(0, 6), B=torch.randn(5, 0), d=None)
+
+
+@pytest.mark.parametrize(
+    "name,shape", [("B", (5, 4)), ("B", (4, 3)), ("bias", (4,)), ("d", (4,)), ("b", (6,))]
+)
+def test_wrong_shape(gen, name, shape):
+    t = _small(gen)
+    with pytest.raises(ValueError, match=rf"^{name} must have shape"):
+        _call(t, **{name: torch.randn(*shape)})
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "A", "B", "d", "b"])
+def test_non_tensor_input(gen, name):
+    t = _small(gen)
+    with pytest.raises(TypeError, match=rf"^{name} must be a torch\.Tensor"):
+        _call(t, **{name: t[name].tolist()})
+
+
+def test_bad_x_dtype_and_scale(gen):
+    t = _small(gen)
+    with pytest.raises(TypeError, match="x must be"):
+        _call(t, x=t["x"].long())
+    with pytest.raises(ValueError, match="scale must be finite"):
+        _call(t, scale=float("inf"))
+    with pytest.raises(TypeError, match="scale must be a float"):
+        _call(t, scale="0.5")
+
+
+# --------------------------------------------------------------------------------- dispatch
+
+
+def test_set_backend_rejects_unknown_name():
+    before = pefttriton.get_backend()
+    with pytest.raises(ValueError, match="bogus"):
+        pefttriton.set_backend("bogus")
+    assert pefttriton.get_backend() == before
+
+
+def test_use_backend_restores_previous():
+    pefttriton.set_backend("torch")
+    with pefttriton.use_backend("triton"):
+        assert pefttriton.get_backend() == "triton"
+        with pefttriton.use_backend("auto"):
+            assert pefttriton.get_backend() == "auto"
+        assert pefttriton.get_backend() == "triton"
+    assert pefttriton.get_backend() == "torch"
+    with pytest.raises(RuntimeError, match="boom"):
+        with pefttriton.use_backend("triton"):
+            raise RuntimeError("boom")
+    assert pefttriton.get_backend() == "torch"
+
+
+@pytest.mark.parametrize("name,expect_triton", [("triton", True), ("torch", False), ("auto", False)])
+def test_backend_selects_implementation(gen, monkeypatch, name, expect_triton):
+    """The chosen backend really runs: Triton launchers are called exactly under "triton"
+    ("auto" means PyTorch on CPU tensors)."""
+    calls = {"linear_lowrank": 0, "lowrank_grads": 0}
+    for fn in calls:
+        original = getattr(kernels, fn)
+
+        def counted(*args, _fn=fn, _original=original, **kwargs):
+            calls[_fn] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, fn, counted)
+    t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
+    with pefttriton.use_backend(name):
+        y = lowrank_linear(*[t[k] for k in NAMES])
+        y.sum().backward()
+    if expect_triton:
+        # forward: down projection + fused GEMM; backward: low-rank grads + grad_x GEMM
+        assert calls == {"linear_lowrank": 3, "lowrank_grads": 1}
+    else:
+        assert calls == {"linear_lowrank": 0, "lowrank_grads": 0}
+
+
+def test_triton_backend_on_cpu_without_interpreter_errors(gen, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    t = _small(gen)
+    with pefttriton.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            _call(t)

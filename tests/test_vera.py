@@ -1,0 +1,334 @@
+"""``FusedVeRALinear`` / ``VeRAProjections`` against PEFT's VeRA layer and the float64 reference."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from conftest import rel_err
+from peft.tuners.vera.layer import Linear as PeftVeraLinear
+from torch import nn
+
+from pefttriton import FusedVeRALinear, VeRAProjections
+from pefttriton.reference import lowrank_linear_reference
+
+SEED = 1234
+R = 16
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(70, 45)
+        self.lin2 = nn.Linear(45, 70)
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x)))
+
+
+class OneLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(70, 45)
+
+    def forward(self, x):
+        return self.lin1(x)
+
+
+def _vera_config(targets):
+    return peft.VeraConfig(
+        r=R, target_modules=list(targets), projection_prng_key=SEED, d_initial=0.1, vera_dropout=0.0
+    )
+
+
+def _peft_layers(peft_model, names):
+    modules = dict(peft_model.base_model.model.named_modules())
+    layers = {name: modules[name] for name in names}
+    assert all(isinstance(layer, PeftVeraLinear) for layer in layers.values())
+    return layers
+
+
+def _randomize_lambdas(fused_layers, peft_layers, gen):
+    """The same random lambda_d / lambda_b on both sides (in the dtype each side keeps them)."""
+    for name, fused in fused_layers.items():
+        peft_layer = peft_layers[name]
+        # float32-representable values, so both sides hold exactly the same numbers whether they
+        # keep the lambdas in float32 (FusedVeRALinear's default) or in the model's dtype (PEFT).
+        lambda_d = torch.randn(fused.r, generator=gen).double()
+        lambda_b = torch.randn(fused.out_features, generator=gen).double()
+        with torch.no_grad():
+            peft_d, peft_b = peft_layer.vera_lambda_d["default"], peft_layer.vera_lambda_b["default"]
+            peft_d.copy_(lambda_d.to(peft_d.dtype))
+            peft_b.copy_(lambda_b.to(peft_b.dtype))
+            fused.lambda_d.copy_(lambda_d.to(fused.lambda_d.dtype))
+            fused.lambda_b.copy_(lambda_b.to(fused.lambda_b.dtype))
+
+
+def _compare_outputs_and_grads(fused_model, peft_model, fused_layers, peft_layers, gen, dtype, tol):
+    x = torch.randn(3, 11, 70, generator=gen, dtype=torch.float64).to(dtype)
+    x_fused = x.clone().requires_grad_(True)
+    x_peft = x.clone().requires_grad_(True)
+    y_fused = fused_model(x_fused)
+    y_peft = peft_model(x_peft)
+    assert y_fused.dtype == y_peft.dtype == dtype
+    err = rel_err(y_fused, y_peft)
+    assert err < tol, f"output: relative error {err:.2e}"
+    grad_out = torch.randn(y_peft.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y_fused.backward(grad_out)
+    y_peft.backward(grad_out)
+    err = rel_err(x_fused.grad, x_peft.grad)
+    assert err < tol, f"grad x: relative error {err:.2e}"
+    for name, fused in fused_layers.items():
+        peft_layer = peft_layers[name]
+        # A gradient stored in float32 (the default dtype of the fused lambdas) can be no closer
+        # than float32 rounding to PEFT's float64 one.
+        lambda_tol = max(tol, 1e-6) if fused.lambda_d.dtype == torch.float32 else tol
+        for mine, theirs, label in (
+            (fused.lambda_d.grad, peft_layer.vera_lambda_d["default"].grad, "lambda_d"),
+            (fused.lambda_b.grad, peft_layer.vera_lambda_b["default"].grad, "lambda_b"),
+        ):
+            assert mine is not None and theirs is not None, f"{name}.{label}: no gradient"
+            assert mine.dtype == fused.lambda_d.dtype
+            err = rel_err(mine, theirs)
+            assert err < lambda_tol, f"{name}.{label} grad: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ PEFT parity
+
+
+@pytest.mark.parametrize(
+    "dtype,lambda_dtype,tol",
+    [(torch.float32, torch.float32, 1e-5), (torch.float64, torch.float32, 1e-10), (torch.float64, torch.float64, 1e-10)],
+    ids=["fp32", "fp64-lambdas32", "fp64-lambdas64"],
+)
+def test_matches_peft_two_layers_shared_projections(backend, gen, dtype, lambda_dtype, tol):
+    torch.manual_seed(0)
+    base = TwoLayers().to(dtype)
+    fused_model = copy.deepcopy(base)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), _vera_config(["lin1", "lin2"]))
+    peft_layers = _peft_layers(peft_model, ["lin1", "lin2"])
+
+    # PEFT sizes its shared projections by the largest in / out over the targeted layers.
+    max_in = max(base.lin1.in_features, base.lin2.in_features)
+    max_out = max(base.lin1.out_features, base.lin2.out_features)
+    projections = VeRAProjections(R, max_in, max_out, SEED, dtype=dtype)
+    fused_layers = {
+        "lin1": FusedVeRALinear(fused_model.lin1, R, projections=projections),
+        "lin2": FusedVeRALinear(fused_model.lin2, R, projections=projections),
+    }
+    fused_model.lin1, fused_model.lin2 = fused_layers["lin1"], fused_layers["lin2"]
+    for layer in fused_layers.values():
+        # The layer's default: float32 lambdas, float64 for a float64 base layer.
+        default = torch.float64 if dtype == torch.float64 else torch.float32
+        assert layer.lambda_d.dtype == layer.lambda_b.dtype == default
+        if lambda_dtype != default:  # float32 lambdas beside a float64 layer: the op accepts them
+            for param in (layer.lambda_d, layer.lambda_b):
+                param.data = param.data.to(lambda_dtype)
+
+    peft_A = peft_model.base_model.vera_A["default"]
+    peft_B = peft_model.base_model.vera_B["default"]
+    assert peft_A.shape == projections.vera_A.shape == (R, 70)
+    assert peft_B.shape == projections.vera_B.shape == (70, R)
+    assert torch.equal(projections.vera_A, peft_A)
+    assert torch.equal(projections.vera_B, peft_B)
+    for layer in fused_layers.values():  # both layers really share one pair of buffers
+        assert layer.projections is projections
+
+    _randomize_lambdas(fused_layers, peft_layers, gen)
+    _compare_outputs_and_grads(fused_model, peft_model, fused_layers, peft_layers, gen, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def test_matches_peft_single_layer_own_projections(backend, gen, dtype, tol):
+    """Built without ``projections=``: the layer draws its own from the seed, exactly like PEFT."""
+    torch.manual_seed(1)
+    base = OneLayer().to(dtype)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), _vera_config(["lin1"]))
+    peft_layers = _peft_layers(peft_model, ["lin1"])
+    fused_model = copy.deepcopy(base)
+    fused = FusedVeRALinear(fused_model.lin1, R, projection_seed=SEED)
+    fused_model.lin1 = fused
+
+    assert fused.projections.vera_A.dtype == dtype
+    assert torch.equal(fused.projections.vera_A, peft_model.base_model.vera_A["default"])
+    assert torch.equal(fused.projections.vera_B, peft_model.base_model.vera_B["default"])
+
+    _randomize_lambdas({"lin1": fused}, peft_layers, gen)
+    _compare_outputs_and_grads(fused_model, peft_model, {"lin1": fused}, peft_layers, gen, dtype, tol)
+
+
+def test_initial_lambdas_match_peft(gen):
+    """Same initialisation as PEFT for the same d_initial: lambda_d = d_initial, lambda_b = 0."""
+    base = OneLayer()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), _vera_config(["lin1"]))
+    peft_layer = _peft_layers(peft_model, ["lin1"])["lin1"]
+    fused = FusedVeRALinear(copy.deepcopy(base.lin1), R, projection_seed=SEED, d_initial=0.1)
+    assert torch.equal(fused.lambda_d.detach(), peft_layer.vera_lambda_d["default"].detach())
+    assert torch.equal(fused.lambda_b.detach(), peft_layer.vera_lambda_b["default"].detach())
+
+
+def test_half_precision_layer_against_reference(backend, gen):
+    """fp16 base layer and projections, float32 lambdas (as the layer keeps them)."""
+    torch.manual_seed(2)
+    layer = FusedVeRALinear(nn.Linear(70, 45).half(), 8, projection_seed=SEED)
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
+    with torch.no_grad():
+        layer.lambda_d.copy_(torch.randn(8, generator=gen))
+        layer.lambda_b.copy_(torch.randn(45, generator=gen))
+    x = torch.randn(2, 19, 70, generator=gen).half()
+    y = layer(x)
+    assert y.dtype == torch.float16
+    A, B = layer.projection_slices()
+    d64 = layer.lambda_d.detach().double().requires_grad_(True)
+    b64 = layer.lambda_b.detach().double().requires_grad_(True)
+    y_ref = lowrank_linear_reference(
+        x.double(), layer.base_layer.weight.double(), layer.base_layer.bias.double(), A.double(), B.double(), d64, b64
+    )
+    assert rel_err(y, y_ref) < 5e-3
+    grad_out = torch.randn(y.shape, generator=gen).half()
+    y.backward(grad_out)
+    y_ref.backward(grad_out.double())
+    assert rel_err(layer.lambda_d.grad, d64.grad) < 5e-3
+    assert rel_err(layer.lambda_b.grad, b64.grad) < 5e-3
+
+
+# --------------------------------------------------------------------------- module behaviour
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_initial_output_equals_base_layer(backend, gen, dtype):
+    base = nn.Linear(70, 45).to(dtype)
+    layer = FusedVeRALinear(copy.deepcopy(base), R, projection_seed=SEED)
+    assert torch.equal(layer.lambda_b.detach(), torch.zeros(45))
+    x = torch.randn(3, 13, 70, generator=gen, dtype=dtype)
+    y = layer(x)
+    y_base = base(x)
+    if backend == "torch":
+        # lambda_b = 0 adds exact zeros to the same base GEMM
+        assert torch.equal(y, y_base)
+    else:
+        # the Triton GEMM sums in a different order than the CPU BLAS: rounding differences only
+        assert rel_err(y, y_base) < (1e-6 if dtype == torch.float32 else 1e-14)
+
+
+def test_only_lambdas_trainable(gen):
+    base = nn.Linear(70, 45)
+    layer = FusedVeRALinear(base, R, projection_seed=SEED)
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lambda_d", "lambda_b"}
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert {name for name, _ in layer.named_parameters()} == {
+        "lambda_d", "lambda_b", "base_layer.weight", "base_layer.bias"
+    }
+    assert layer.lambda_d.shape == (R,) and layer.lambda_b.shape == (45,)
+    # the projections are buffers, left out of checkpoints (the seed regenerates them)
+    assert {name for name, _ in layer.named_buffers()} == {"projections.vera_A", "projections.vera_B"}
+    assert set(layer.state_dict()) == {"lambda_d", "lambda_b", "base_layer.weight", "base_layer.bias"}
+
+    with torch.no_grad():
+        layer.lambda_b.normal_(generator=gen)
+    layer(torch.randn(5, 70, generator=gen)).sum().backward()
+    assert layer.lambda_d.grad is not None and layer.lambda_b.grad is not None
+    assert base.weight.grad is None and base.bias.grad is None
+
+
+def test_merge_unmerge(backend, gen):
+    layer = FusedVeRALinear(nn.Linear(70, 45), R, projection_seed=SEED)
+    with torch.no_grad():
+        layer.lambda_d.copy_(torch.randn(R, generator=gen))
+        layer.lambda_b.copy_(torch.randn(45, generator=gen))
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(4, 9, 70, generator=gen)
+    with torch.no_grad():
+        y_unmerged = layer(x)
+        layer.merge()
+        assert layer.merged
+        assert "merged=True" in repr(layer)
+        y_merged = layer(x)
+    assert rel_err(y_merged, y_unmerged) < 1e-5
+    assert not torch.allclose(layer.base_layer.weight, original)
+    # the change is exactly the adapter's delta, lambda_b * B @ (lambda_d * A)
+    A, B = layer.projection_slices()
+    delta = (layer.lambda_b.detach().double()[:, None] * B.double()) @ (layer.lambda_d.detach().double()[:, None] * A.double())
+    assert rel_err(layer.base_layer.weight - original, delta) < 1e-5
+
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    assert rel_err(layer.base_layer.weight - original, delta) < 1e-5  # the second merge did nothing
+
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+    with torch.no_grad():
+        assert rel_err(layer(x), y_unmerged) < 1e-5
+
+
+def test_merge_unmerge_float64_keeps_float64_precision(gen):
+    """A float64 layer must merge and unmerge in float64: the round trip may only add float64
+    rounding to the base weight, and the merged forward must match the unmerged one to ~1e-12."""
+    layer = FusedVeRALinear(nn.Linear(70, 45).double(), R, projection_seed=SEED)
+    with torch.no_grad():
+        layer.lambda_d.copy_(torch.randn(R, generator=gen))
+        layer.lambda_b.copy_(torch.randn(45, generator=gen))
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(4, 70, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y_unmerged = layer(x)
+        layer.merge()
+        y_merged = layer(x)
+        layer.unmerge()
+    assert rel_err(y_merged, y_unmerged) < 1e-12
+    assert rel_err(layer.base_layer.weight, original) < 1e-12
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def test_rejects_non_linear_base_layer():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FusedVeRALinear(nn.Conv1d(4, 4, 1), R)
+
+
+@pytest.mark.parametrize("r", [0, -3, 2.5, True])
+def test_rejects_bad_rank(r):
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        FusedVeRALinear(nn.Linear(70, 45), r)
+
+
+def test_rejects_too_small_projections():
+    projections = VeRAProjections(4, 10, 10)
+    with pytest.raises(ValueError, match=r"rank 4, max_in_features 10, max_out_features 10") as info:
+        FusedVeRALinear(nn.Linear(70, 45), 8, projections=projections)
+    assert "r=8, in_features=70, out_features=45" in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(16, 60, 70), (16, 70, 40), (8, 70, 70)], ids=["narrow", "short", "low-rank"])
+def test_rejects_projections_too_small_in_one_dim(shape):
+    with pytest.raises(ValueError, match="smaller than a layer"):
+        FusedVeRALinear(nn.Linear(70, 45), R, projections=VeRAProjections(*shape))
+
+
+def test_rejects_projections_of_other_dtype():
+    with pytest.raises(ValueError, match="float64"):
+        FusedVeRALinear(nn.Linear(70, 45), R, projections=VeRAProjections(R, 70, 45, dtype=torch.float64))
+
+
+def test_rejects_bad_projection_sizes():
+    with pytest.raises(ValueError, match="max_in_features"):
+        VeRAProjections(4, 0, 10)
+
+
+def test_forward_rejects_wrong_last_dim(backend, gen):
+    layer = FusedVeRALinear(nn.Linear(70, 45), R)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 70\)"):
+        layer(torch.randn(5, 69, generator=gen))
+
+
+def test_extra_repr():
+    layer = FusedVeRALinear(nn.Linear(70, 45), 8, projection_seed=SEED)
+    text = layer.extra_repr()
+    assert "in_features=70" in text and "out_features=45" in text and "r=8" in text
+    assert "r=8" in repr(layer)
+    assert "max_in_features=70" in repr(layer.projections) and f"seed={SEED}" in repr(layer.projections)
