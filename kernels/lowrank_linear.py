@@ -89,7 +89,7 @@ def gemm_family(dtype: torch.dtype, input_precision: str) -> str:
 def _prune_gemm_configs(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
-    dtype = named_args["w_ptr"].dtype
+    dtype = named_args["w_ptr"].dtype  # the launcher passes B here when there is no main segment
     family = GEMM_CONFIGS[gemm_family(dtype, kwargs["INPUT_PRECISION"])]
     return [config for config in configs if any(config is mine for mine in family)]
 
@@ -117,11 +117,16 @@ def _linear_lowrank_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_hm, stride_hr, stride_lbn, stride_lbr,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BVEC: tl.constexpr,
+    HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_BVEC: tl.constexpr, ACCUMULATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[M, N] = x[M, K] w[N, K]^T + bias[N] + bvec[N] * ((scale * d[R] * h[M, R]) lb[N, R]^T)."""
+    """y[M, N] (+)= x[M, K] w[N, K]^T + bias[N] + bvec[N] * ((scale * d[R] * h[M, R]) lb[N, R]^T).
+
+    HAS_MAIN=False drops the x w^T segment and ACCUMULATE=True adds into y instead of
+    overwriting it: together they add the low-rank path into a y computed by cuBLAS.
+    """
     # Grouped program order: GROUP_M row blocks share each column block while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -143,15 +148,16 @@ def _linear_lowrank_kernel(
     dot_dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        w_tile = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(x_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    if HAS_MAIN:
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            w_tile = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            acc = tl.dot(x_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_LOWRANK:
         # Second K segment: the rank, padded to BLOCK_K with masks.
@@ -178,7 +184,10 @@ def _linear_lowrank_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc_dtype)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 @triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M", "N", "R"])
@@ -265,6 +274,36 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
+    has_main, has_lowrank = x is not None, h is not None
+    M, N = y.shape
+    if M == 0 or N == 0:
+        return y
+    dummy = lowrank_B if weight is None else weight  # never read: its constexpr flag is off
+    x_ = x if has_main else dummy
+    w_ = weight if has_main else dummy
+    h_ = h if has_lowrank else dummy
+    lb = lowrank_B if has_lowrank else dummy
+    K = x.shape[1] if has_main else 0
+    R = h.shape[1] if has_lowrank else 0
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _linear_lowrank_kernel[grid](
+        x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
+        bvec if bvec is not None else dummy, y,
+        M, N, K, R, float(scale),
+        x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
+        h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
+        HAS_BVEC=bvec is not None, ACCUMULATE=accumulate,
+        INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=_dot_in_fp32(dummy.dtype),
+    )
+    return y
+
+
 def linear_lowrank(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -282,31 +321,24 @@ def linear_lowrank(
     Any strides (pass a transposed view to multiply by a matrix instead of its transpose).
     Returns a new contiguous (M, N) tensor of ``out_dtype`` (default ``x.dtype``).
     """
-    M, K = x.shape
-    N = weight.shape[0]
-    has_lowrank = h is not None
-    R = h.shape[1] if has_lowrank else 0
-    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
-    if M == 0 or N == 0:
-        return y
-    dummy = weight  # never read: its constexpr flag is off
-    h_ = h if has_lowrank else dummy
-    lb = lowrank_B if has_lowrank else dummy
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=out_dtype or x.dtype)
+    return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate=False)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _linear_lowrank_kernel[grid](
-        x, weight, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
-        bvec if bvec is not None else dummy, y,
-        M, N, K, R, float(scale),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
-        y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None, HAS_BVEC=bvec is not None,
-        INPUT_PRECISION=input_precision(weight.dtype), DOT_IN_FP32=_dot_in_fp32(weight.dtype),
-    )
-    return y
+def add_lowrank_(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lowrank_B: torch.Tensor,
+    d: torch.Tensor | None = None,
+    bvec: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``y += bvec * ((scale * d * h) @ lowrank_B.T)`` in place, one launch; returns ``y``.
+
+    The split form of :func:`linear_lowrank`: the base GEMM runs in cuBLAS, this kernel adds the
+    low-rank path (y is read and written once more: 2 * M * N extra element moves).
+    """
+    return _launch_gemm(None, None, None, h, lowrank_B, d, bvec, scale, y, accumulate=True)
 
 
 def lowrank_grads(

@@ -1,6 +1,6 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
-from pefttriton.backend import get_backend, set_backend, use_backend
+from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend
 from pefttriton.ops import lowrank_linear, vera_linear
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
@@ -8,8 +8,10 @@ __all__ = [
     "FusedVeRALinear",
     "VeRAProjections",
     "get_backend",
+    "get_gemm_mode",
     "lowrank_linear",
     "set_backend",
+    "set_gemm_mode",
     "use_backend",
     "vera_linear",
 ]

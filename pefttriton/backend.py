@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+GEMM_MODES = ("fused", "split")
 _backend = os.environ.get("PEFTTRITON_BACKEND", "auto")
+_gemm_mode = os.environ.get("PEFTTRITON_GEMM_MODE", "fused")
 
 
 def interpreting() -> bool:
@@ -56,3 +58,22 @@ def resolve_backend(device: torch.device) -> str:
             "TRITON_INTERPRET=1 before importing pefttriton"
         )
     return "triton"
+
+
+def set_gemm_mode(mode: str) -> None:
+    """How the Triton backend runs the base GEMM ``x W^T`` (and ``g W`` in backward).
+
+    ``"fused"`` (default): one Triton GEMM whose K loop also covers the low-rank path; ``y`` is
+    written once. ``"split"``: cuBLAS (``torch.addmm``) computes the base GEMM, then a Triton
+    kernel adds the low-rank path into ``y`` (one extra read and write of ``y``). A tuned cuBLAS
+    can beat a Triton GEMM on some shapes; the benchmark reports both so the choice is measured.
+    """
+    global _gemm_mode
+    if mode not in GEMM_MODES:
+        raise ValueError(f"gemm mode must be one of {GEMM_MODES}, got {mode!r}")
+    _gemm_mode = mode
+
+
+def get_gemm_mode() -> str:
+    """The mode set by :func:`set_gemm_mode` (``"fused"`` unless changed)."""
+    return _gemm_mode

@@ -47,19 +47,26 @@ class Variant:
 
 
 def _gemm_variants():
-    vera = (("HAS_BIAS", True), ("HAS_LOWRANK", True), ("HAS_D", True), ("HAS_BVEC", True))
-    lora = (("HAS_BIAS", True), ("HAS_LOWRANK", True), ("HAS_D", False), ("HAS_BVEC", False))
-    none = (("HAS_BIAS", False), ("HAS_LOWRANK", False), ("HAS_D", False), ("HAS_BVEC", False))
-    grad_x = (("HAS_BIAS", False), ("HAS_LOWRANK", True), ("HAS_D", False), ("HAS_BVEC", False))
+    def flags(main, bias, lowrank, d, bvec, accumulate=False):
+        return (("HAS_MAIN", main), ("HAS_BIAS", bias), ("HAS_LOWRANK", lowrank), ("HAS_D", d),
+                ("HAS_BVEC", bvec), ("ACCUMULATE", accumulate))
+
     fwd_strides = ("stride_xk", "stride_wk", "stride_hr", "stride_lbr", "stride_yn")
+    # grad_x = g W + gh A reads W and A transposed: unit stride along N, not K.
+    grad_x_strides = ("stride_xk", "stride_wn", "stride_hr", "stride_lbn", "stride_yn")
     k = "_linear_lowrank_kernel"
     return [
-        Variant(k, "forward (VeRA: d, b, bias)", vera, fwd_strides, ("h_ptr", "d_ptr", "bvec_ptr")),
-        Variant(k, "forward (LoRA: scale, bias)", lora, fwd_strides, ("h_ptr",)),
-        Variant(k, "down projection x A^T", none, ("stride_xk", "stride_wk", "stride_yn"), ("y_ptr",)),
-        # grad_x = g W + gh A reads W and A transposed: unit stride along N, not K.
-        Variant(k, "grad_x = g W + gh A", grad_x, ("stride_xk", "stride_wn", "stride_hr", "stride_lbn", "stride_yn"),
-                ("h_ptr",)),
+        Variant(k, "forward (VeRA: d, b, bias)", flags(True, True, True, True, True), fwd_strides,
+                ("h_ptr", "d_ptr", "bvec_ptr")),
+        Variant(k, "forward (LoRA: scale, bias)", flags(True, True, True, False, False), fwd_strides, ("h_ptr",)),
+        Variant(k, "down projection x A^T", flags(True, False, False, False, False),
+                ("stride_xk", "stride_wk", "stride_yn"), ("y_ptr",)),
+        Variant(k, "grad_x = g W + gh A", flags(True, False, True, False, False), grad_x_strides, ("h_ptr",)),
+        # gemm mode "split": cuBLAS computes the base GEMM, this adds the low-rank path into y.
+        Variant(k, "split: y += b * (h B^T) (VeRA)", flags(False, False, True, True, True, True),
+                ("stride_hr", "stride_lbr", "stride_yn"), ("h_ptr", "d_ptr", "bvec_ptr")),
+        Variant(k, "split: grad_x += gh A", flags(False, False, True, False, False, True),
+                ("stride_hr", "stride_lbn", "stride_yn"), ("h_ptr",)),
     ]
 
 

@@ -96,6 +96,48 @@ def test_ranks_and_shapes(backend, gen, shape, r):
     check_against_reference(t, scale=0.5, tol=TOL[torch.float32], gen=gen)
 
 
+@pytest.fixture
+def split_mode():
+    """Run with gemm mode "split" (base GEMM by torch, low-rank path added by Triton)."""
+    pefttriton.set_gemm_mode("split")
+    yield
+    pefttriton.set_gemm_mode("fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("r,vectors", [(1, True), (33, True), (7, False)], ids=["r1-vera", "r33-vera", "r7-lora"])
+def test_split_gemm_mode_triton(gen, split_mode, dtype, r, vectors):
+    """The split forward/backward (cuBLAS base GEMM + Triton low-rank add) against the reference."""
+    t = make_inputs(gen, *SHAPE_B, r, dtype=dtype, lead=(3, 13) if vectors else None, d=vectors, b=vectors)
+    with pefttriton.use_backend("triton"):
+        check_against_reference(t, scale=0.7, tol=TOL[dtype], gen=gen)
+
+
+def test_split_gemm_mode_launches_add_kernel(gen, monkeypatch, split_mode):
+    """In split mode the Triton backend adds into y (and grad_x) instead of running the fused GEMM."""
+    calls = {"linear_lowrank": 0, "add_lowrank_": 0, "lowrank_grads": 0}
+    for fn in calls:
+        original = getattr(kernels, fn)
+
+        def counted(*args, _fn=fn, _original=original, **kwargs):
+            calls[_fn] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, fn, counted)
+    t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
+    with pefttriton.use_backend("triton"):
+        lowrank_linear(*[t[k] for k in NAMES]).sum().backward()
+    # forward: down projection + low-rank add; backward: low-rank grads + low-rank add into g W
+    assert calls == {"linear_lowrank": 1, "add_lowrank_": 2, "lowrank_grads": 1}
+
+
+def test_set_gemm_mode_rejects_unknown_name():
+    with pytest.raises(ValueError, match="gemm mode"):
+        pefttriton.set_gemm_mode("cublas")
+    assert pefttriton.get_gemm_mode() == "fused"
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("d,b", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["no-d-no-b", "d-only", "b-only", "d-and-b"])
