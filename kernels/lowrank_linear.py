@@ -18,6 +18,7 @@ Kernel-local names use GEMM letters: M rows (tokens), N output columns, K reduct
 Launchers take 2-D tensors of any strides; validation and autograd live in ``pefttriton.ops``.
 """
 
+import contextlib
 import os
 
 import torch
@@ -107,8 +108,11 @@ def grad_blocks(rank: int) -> tuple[int, int]:
 
 @triton.autotune(
     configs=INTERPRET_GEMM_CONFIGS if INTERPRET else [c for family in GEMM_CONFIGS.values() for c in family],
-    key=["M", "N", "K", "R", "INPUT_PRECISION"],
+    key=["M", "N", "K", "R", "INPUT_PRECISION", "HAS_MAIN", "ACCUMULATE"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    # Benchmarking runs each config on the real arguments: with ACCUMULATE every run would add
+    # into y again, so y is restored after each one (only while tuning a new key).
+    restore_value=["y_ptr"],
 )
 @triton.jit
 def _linear_lowrank_kernel(
@@ -274,6 +278,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     has_main, has_lowrank = x is not None, h is not None
     M, N = y.shape
@@ -290,17 +299,18 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _linear_lowrank_kernel[grid](
-        x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
-        bvec if bvec is not None else dummy, y,
-        M, N, K, R, float(scale),
-        x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
-        h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
-        y.stride(0), y.stride(1),
-        HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
-        HAS_BVEC=bvec is not None, ACCUMULATE=accumulate,
-        INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=_dot_in_fp32(dummy.dtype),
-    )
+    with _on_device(y):
+        _linear_lowrank_kernel[grid](
+            x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
+            bvec if bvec is not None else dummy, y,
+            M, N, K, R, float(scale),
+            x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
+            h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
+            y.stride(0), y.stride(1),
+            HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
+            HAS_BVEC=bvec is not None, ACCUMULATE=accumulate,
+            INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=_dot_in_fp32(dummy.dtype),
+        )
     return y
 
 
@@ -367,16 +377,17 @@ def lowrank_grads(
     grad_b_part = torch.zeros((m_blocks * r_blocks, N) if need_grad_b else (1,), device=g.device, dtype=acc)
     if M > 0:
         dummy = xa
-        _lowrank_grad_kernel[(m_blocks, r_blocks)](
-            g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
-            gh, grad_d_part, grad_b_part,
-            M, N, R, float(scale),
-            g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
-            lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
-            HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
-            INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=_dot_in_fp32(lowrank_B.dtype),
-            BLOCK_M=block_m, BLOCK_R=block_r,
-        )
+        with _on_device(g):
+            _lowrank_grad_kernel[(m_blocks, r_blocks)](
+                g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
+                gh, grad_d_part, grad_b_part,
+                M, N, R, float(scale),
+                g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
+                lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
+                HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
+                INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=_dot_in_fp32(lowrank_B.dtype),
+                BLOCK_M=block_m, BLOCK_R=block_r,
+            )
     grad_d = grad_d_part.sum(0).mul_(scale) if need_grad_d else None
     grad_b = grad_b_part.sum(0) if need_grad_b else None
     return gh, grad_d, grad_b
