@@ -100,7 +100,8 @@ def grad_blocks(rank: int) -> tuple[int, int]:
 
     ``tl.dot`` needs every dimension >= 16 and ``tl.arange`` a power of two, so small ranks
     are padded (masked) up to 16. Above 64 the rank is split across programs: each one then
-    reads ``g`` once, so ``g`` is read ``ceil(r / 64)`` times in all.
+    reads ``g`` once, so ``g`` is read ``ceil(r / 64)`` times in all (from L2 after the first:
+    the rank blocks of a row block are neighbouring programs).
     """
     block_r = max(16, min(64, triton.next_power_of_2(rank)))
     return 64, block_r
@@ -211,8 +212,12 @@ def _lowrank_grad_kernel(
     grad_b_part[pm * num_r_blocks + pr, N] = sum over its rows of g * (h lb^T)[:, this rank block]
     with h = scale * d * xa. Partial sums are reduced by the launcher (deterministic, no atomics).
     """
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    # Rank blocks of one row block are consecutive programs: they run together and read the
+    # same g tiles, so g comes from DRAM about once and from L2 for the other rank blocks.
+    pid = tl.program_id(0)
+    num_r_blocks = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_r_blocks
+    pid_r = pid % num_r_blocks
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
@@ -235,7 +240,7 @@ def _lowrank_grad_kernel(
     gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
-    part_row = pid_m * tl.num_programs(1) + pid_r
+    part_row = pid
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         mask_n = offs_n < N - n * BLOCK_N
         g_tile = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -378,7 +383,7 @@ def lowrank_grads(
     if M > 0:
         dummy = xa
         with _on_device(g):
-            _lowrank_grad_kernel[(m_blocks, r_blocks)](
+            _lowrank_grad_kernel[(m_blocks * r_blocks,)](
                 g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
                 gh, grad_d_part, grad_b_part,
                 M, N, R, float(scale),
