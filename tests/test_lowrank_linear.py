@@ -84,6 +84,20 @@ def check_against_reference(t, scale, tol, gen):
         assert err < tol, f"grad {name}: relative error {err:.2e} >= {tol:.0e}"
 
 
+def count_launcher_calls(monkeypatch, *names):
+    """Wrap the named Triton launchers so each call is counted; returns the live counts."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(kernels, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
 # ----------------------------------------------------------------------- forward and backward
 
 
@@ -116,15 +130,7 @@ def test_split_gemm_mode_triton(gen, split_mode, dtype, r, vectors):
 
 def test_split_gemm_mode_launches_add_kernel(gen, monkeypatch, split_mode):
     """In split mode the Triton backend adds into y (and grad_x) instead of running the fused GEMM."""
-    calls = {"linear_lowrank": 0, "add_lowrank_": 0, "lowrank_grads": 0}
-    for fn in calls:
-        original = getattr(kernels, fn)
-
-        def counted(*args, _fn=fn, _original=original, **kwargs):
-            calls[_fn] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, fn, counted)
+    calls = count_launcher_calls(monkeypatch, "linear_lowrank", "add_lowrank_", "lowrank_grads")
     t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
     with pefttriton.use_backend("triton"):
         lowrank_linear(*[t[k] for k in NAMES]).sum().backward()
@@ -372,15 +378,7 @@ def test_use_backend_restores_previous():
 def test_backend_selects_implementation(gen, monkeypatch, name, expect_triton):
     """The chosen backend really runs: Triton launchers are called exactly under "triton"
     ("auto" means PyTorch on CPU tensors)."""
-    calls = {"linear_lowrank": 0, "lowrank_grads": 0}
-    for fn in calls:
-        original = getattr(kernels, fn)
-
-        def counted(*args, _fn=fn, _original=original, **kwargs):
-            calls[_fn] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, fn, counted)
+    calls = count_launcher_calls(monkeypatch, "linear_lowrank", "lowrank_grads")
     t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
     with pefttriton.use_backend(name):
         y = lowrank_linear(*[t[k] for k in NAMES])
