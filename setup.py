@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13"],
-        "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4"],
     },
 )

@@ -2,24 +2,30 @@
 
 There is no GPU on the test machines: the Triton kernels run on the CPU under Triton's
 interpreter. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so it
-must be set before pefttriton (and with it ``pefttriton.kernels``) is imported. conftest.py is
-imported by pytest before any test module, hence the assignment at the very top.
+must be set before pefttriton (and with it ``pefttriton.kernels``) is imported: ``pytest_configure``
+runs before any test module is imported, and this file imports pefttriton only inside fixtures.
+
+Under ``pytest --benchmark-only`` (which also loads this file through ``testpaths``) the
+interpreter is left off, so that benchmarks on a GPU time the compiled kernels.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
-import pefttriton  # noqa: E402
-from pefttriton.kernels import lowrank_linear as _kernels  # noqa: E402
+def pytest_configure(config):
+    if config.getoption("benchmark_only", default=False):
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    from pefttriton.kernels import lowrank_linear as kernels
 
-if not _kernels.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
-    raise RuntimeError(
-        "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
-    )
+    if not kernels.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
+        raise RuntimeError(
+            "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
+        )
+
 
 BACKENDS = ("torch", "triton")
 
@@ -27,6 +33,8 @@ BACKENDS = ("torch", "triton")
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """No test may leak a backend choice into the next one."""
+    import pefttriton
+
     previous = pefttriton.get_backend()
     yield
     pefttriton.set_backend(previous)
@@ -35,6 +43,8 @@ def _restore_backend():
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Runs the test once per backend ("triton" goes through the interpreter); yields its name."""
+    import pefttriton
+
     with pefttriton.use_backend(request.param):
         yield request.param
 

@@ -1,0 +1,171 @@
+"""The benchmark's main job and its measurements, on tiny shapes, so CI covers ``python -m bench``.
+
+Expected values come from the formulas of the layers (which tensors autograd must keep, how many
+multiply-adds each product costs), or from ``torch.utils.flop_counter``, never from the code under test.
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed, only pefttriton
+
+from bench import baselines, cases, measure, roofline, runner  # noqa: E402
+
+import pefttriton  # noqa: E402
+from pefttriton import FusedVeRALinear  # noqa: E402
+
+ops = importlib.import_module("pefttriton.ops.lowrank_linear")  # the module; the package exports the function
+
+N, IN, OUT = 37, 45, 29  # odd sizes: tokens, in_features, out_features
+
+
+def _missing(base: nn.Linear, r: int) -> nn.Module:
+    raise ImportError("No module named 'pefttriton.not_here'")
+
+
+def test_main_job_writes_labelled_results(tmp_path, monkeypatch, capsys):
+    # An adapter that cannot be imported must be reported, not dropped.
+    monkeypatch.setitem(cases.IMPLS, "fused_lorma", cases.Impl("fused_lorma", "lorma", True, "FusedLoRMALinear(plus)", _missing))
+    tokens, n, m, r = (32, 80), 48, 40, 8
+    code = runner.main([
+        "--device", "cpu", "--tokens", ",".join(map(str, tokens)), "--layers", f"{n}x{m}", "--vera-r", str(r),
+        "--lora-r", "3", "--rounds", "2", "--min-seconds", "0", "--no-progress", "--out", str(tmp_path),
+        "--impls", "fused_vera,peft_vera,peft_lora,torch_lora,torch_deep_lora,torch_lorma,fused_lorma",
+    ])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads((tmp_path / "bench-cpu.json").read_text())
+    assert set(data) >= {"meta", "unavailable", "records", "comparisons", "roofline", "issue2"}
+    assert data["meta"]["device"] == "cpu"
+    assert data["unavailable"]["fused_lorma"].startswith("not available (ImportError")
+    assert "FusedLoRMALinear(plus): not available" in printed
+    assert "not a GPU one" in printed
+    records = [rec for rec in data["records"] if rec["status"] == "ok"]
+    expected = {"fused_vera", "peft_vera", "peft_lora", "torch_lora", "torch_deep_lora", "torch_lorma"}
+    assert {rec["impl"] for rec in records} == expected
+    for rec in records:  # every figure says where it comes from; GPU-only figures are absent on the CPU
+        assert rec["device"] == "cpu" and rec["backend"] and rec["peak_step_bytes"] is None
+        assert rec["cuda_kernels_per_step"] is None
+        assert rec["step_ms"] > 0 and rec["fwd_ms"] > 0 and rec["step_tokens_per_s"] > 0
+    assert any(rec["backend"] == "torch (pefttriton CPU path)" for rec in records if rec["fused"])
+    rows = [row for row in data["comparisons"] if row["fused"] == "FusedVeRALinear"]
+    assert sorted(row["tokens"] for row in rows) == list(tokens)
+    for row in rows:
+        # Fused VeRA keeps x A^T (N, r) fp32; PEFT keeps lambda_d's input (N, r) and the (N, m) up-projection.
+        assert row["saved_bytes_fused"] == row["tokens"] * r * 4
+        assert row["saved_bytes_unfused"] == row["tokens"] * (r + m) * 4
+        assert row["saved_bytes_fused"] < row["saved_bytes_unfused"]
+        assert row["saved_ratio"] == pytest.approx(r / (r + m))
+    assert "FusedVeRALinear" in printed and "PEFT VeRA" in printed
+    png = (tmp_path / "bench-cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    note = (tmp_path / "roofline-cpu.md").read_text()
+    assert "| vera | cpu | fp32 | 32 | 48x40 | 8 |" in note
+
+
+def test_issue2_shape_is_in_the_default_cpu_run():
+    suite = cases.suite(torch.device("cpu"), "short")
+    assert 4096 in suite.tokens and (1024, 1024) in suite.layers and 256 in suite.ranks["vera"]
+    assert suite.dtypes == (torch.float32,)
+
+
+def test_saved_for_backward_counts_each_storage_once_and_skips_parameters():
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(IN))
+
+        def forward(self, x):
+            y = x * self.w  # saves x (for grad w) and w (a parameter: not counted)
+            return y * y  # saves y twice: one storage
+
+    x = torch.randn(N, IN, requires_grad=True)
+    saved = measure.saved_for_backward(Square(), x)
+    assert saved.total == 2 * N * IN * 4
+    assert saved.input == N * IN * 4
+
+
+@pytest.mark.parametrize("family, make", [
+    ("vera", baselines.peft_vera_layer),
+    ("lora", baselines.peft_lora_layer),
+    ("lora", baselines.TorchLoRALinear),
+    ("deep_lora", baselines.TorchDeepLoRALinear),
+    ("lorma", baselines.TorchLoRMAPlusLinear),
+])
+@pytest.mark.parametrize("r", [1, 5])
+def test_unfused_model_matches_flop_counter_and_saved_bytes(family, make, r):
+    layer = make(nn.Linear(IN, OUT), r)
+    x = torch.randn(N, IN, requires_grad=True)
+    model = roofline.summary(family, False, N, IN, OUT, r, 4)
+    with FlopCounterMode(display=False) as fwd:
+        y = layer(x)
+    with FlopCounterMode(display=False) as bwd:
+        y.backward(torch.randn(N, OUT))
+    assert fwd.get_total_flops() == model["forward"]["gemm_flops"]
+    assert fwd.get_total_flops() + bwd.get_total_flops() == model["step"]["gemm_flops"]
+    assert measure.saved_for_backward(layer, x).total == model["saved_bytes_model"]
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
+@pytest.mark.parametrize("r", [1, 6])
+def test_fused_vera_model_matches_torch_path_flops_and_saved_bytes(r):
+    # The torch backend's forward and backward bodies run plain aten ops the flop counter sees; it
+    # has no formula for the in-place addmm_ the forward uses, so it gets addmm's.
+    inplace = {torch.ops.aten.addmm_: _addmm_flops}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, IN, generator=gen)
+    w, bias = torch.randn(OUT, IN, generator=gen), torch.randn(OUT, generator=gen)
+    A, B = torch.randn(r, IN, generator=gen), torch.randn(OUT, r, generator=gen)
+    d, b = torch.randn(r, generator=gen), torch.randn(OUT, generator=gen)
+    with FlopCounterMode(display=False, custom_mapping=inplace) as fwd:
+        y, xa = ops._torch_forward(x, w, bias, A, B, d, b, 1.0)
+    needs = [True, False, False, False, False, True, True]
+    with FlopCounterMode(display=False, custom_mapping=inplace) as bwd:
+        ops._torch_backward(torch.randn(N, OUT, generator=gen), x, xa, w, A, B, d, b, 1.0, needs)
+    model = roofline.summary("vera", True, N, IN, OUT, r, 4)
+    assert fwd.get_total_flops() == model["forward"]["gemm_flops"]
+    assert fwd.get_total_flops() + bwd.get_total_flops() == model["step"]["gemm_flops"]
+    layer = FusedVeRALinear(nn.Linear(IN, OUT), r)
+    assert measure.saved_for_backward(layer, x.requires_grad_(True)).total == model["saved_bytes_model"] == N * r * 4
+
+
+@pytest.mark.parametrize("name, launches", [("triton", 4), ("torch", 0)])
+def test_triton_launches_of_a_fused_vera_step(name, launches):
+    # The design: forward = down projection + one main GEMM, backward = low-rank grads + grad_x GEMM.
+    layer = FusedVeRALinear(nn.Linear(IN, OUT), 7)
+    x = torch.randn(N, IN, requires_grad=True)
+    with pefttriton.use_backend(name), measure.count_triton_launches() as counter:
+        layer(x).backward(torch.randn(N, OUT))
+    assert counter[0] == launches
+
+
+def test_roofline_fused_moves_fewer_bytes_and_same_base_flops():
+    for family in roofline.FAMILIES:
+        fused = roofline.summary(family, True, 4096, 1024, 1024, 16, 2)
+        unfused = roofline.summary(family, False, 4096, 1024, 1024, 16, 2)
+        assert fused["step"]["bytes"] < unfused["step"]["bytes"]
+        assert fused["forward"]["bytes"] < unfused["forward"]["bytes"]
+    with pytest.raises(ValueError, match="family must be one of"):
+        roofline.summary("dora", True, 8, 8, 8, 2, 4)
+
+
+def test_probe_says_why_an_adapter_is_missing():
+    impl = cases.Impl("x", "lora", True, "X", _missing)
+    assert cases.probe(impl) == "not available (ImportError: No module named 'pefttriton.not_here')"
+    assert cases.probe(cases.IMPLS["fused_vera"]) is None
+
+
+def test_relative_spread_is_half_the_interquartile_range_over_the_median():
+    assert measure.relative_spread([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((4 - 2) / 2 / 3)
+    assert measure.relative_spread([7.0]) == 0.0
