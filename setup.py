@@ -24,7 +24,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4"],
     },
 )
