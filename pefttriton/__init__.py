@@ -1,23 +1,40 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
+from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend
 from pefttriton.ops import lowrank_linear, vera_linear
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
+from pefttriton.inject import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
 from pefttriton.lora import FusedLoRALinear
+from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
+from pefttriton.save import load_adapter, save_adapter
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 __all__ = [
+    "DeepLoRAConfig",
     "FusedDeepLoRALinear",
     "FusedLoRALinear",
     "FusedVeRALinear",
+    "LoRAConfig",
+    "LoRMAConfig",
+    "VeRAConfig",
     "VeRAProjections",
     "compress_init",
     "discrepant_param_groups",
+    "from_peft_model",
     "get_backend",
     "get_gemm_mode",
+    "inject",
+    "load_adapter",
+    "load_peft_adapter",
     "lowrank_linear",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "save_peft_adapter",
     "set_backend",
     "set_gemm_mode",
+    "trainable_parameter_summary",
     "use_backend",
     "vera_linear",
 ]
