@@ -17,3 +17,23 @@ def test_readme_usage_example_runs():
     # lambda_b starts at zero, so merging the fresh adapter leaves the weight's forward unchanged
     x = torch.randn(3, 1024)
     torch.testing.assert_close(layer(x), base(x))
+
+
+def test_readme_use_in_models_example_runs(tmp_path, monkeypatch):
+    """The "Use in models" block, on a tiny Llama built from a config (random weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "inject(model" in b)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    expected = model(ids).logits
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "peft_dir").is_dir()
+    # lambda_b starts at zero: after merge_and_unload the model computes what it did before
+    torch.testing.assert_close(namespace["model"](ids).logits, expected)
