@@ -62,13 +62,13 @@ To match the authors' relative outer speed, take ``gamma`` about ``eps`` times t
 """
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import lowrank_linear
 
 DEFAULT_EPS = 1e-3
@@ -145,7 +145,7 @@ def compression_factors(
     return eps * in_basis.T.contiguous(), eps * eye, eps * out_basis
 
 
-class FusedDeepLoRALinear(nn.Module):
+class FusedDeepLoRALinear(AdditiveMergeMixin, nn.Module):
     """A frozen ``nn.Linear`` plus a compressed Deep LoRA adapter ``W3 W2 W1``, on the fused engine.
 
     Args:
@@ -206,28 +206,6 @@ class FusedDeepLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``W3 @ W2 @ W1``, (out_features, in_features), fp32 (fp64 for an fp64 layer)."""
         return self.W3 @ (self.W2 @ self.W1)
-
-    @torch.no_grad()
-    def _add_delta(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
-
-    def merge(self) -> None:
-        """Add the adapter into the base weight; forward then runs the plain base layer."""
-        if self.merged:
-            warnings.warn("FusedDeepLoRALinear is already merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again."""
-        if not self.merged:
-            warnings.warn("FusedDeepLoRALinear is not merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(-1.0)
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (

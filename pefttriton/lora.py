@@ -7,12 +7,12 @@ whole layer is one call of the fused engine :func:`pefttriton.ops.lowrank_linear
 """
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import lowrank_linear
 
 
@@ -28,7 +28,7 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-class FusedLoRALinear(nn.Module):
+class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
     """A frozen ``nn.Linear`` plus a LoRA adapter, computed by the fused engine.
 
     Args:
@@ -89,28 +89,6 @@ class FusedLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A``, (out_features, in_features), fp32 (fp64 for an fp64 layer)."""
         return self.scale * (self.lora_B @ self.lora_A)
-
-    @torch.no_grad()
-    def _add_delta(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
-
-    def merge(self) -> None:
-        """Add the adapter into the base weight; forward then runs the plain base layer."""
-        if self.merged:
-            warnings.warn(f"{type(self).__name__} is already merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again."""
-        if not self.merged:
-            warnings.warn(f"{type(self).__name__} is not merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(-1.0)
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (

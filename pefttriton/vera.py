@@ -6,11 +6,11 @@ regenerable from an integer seed, drawn exactly as PEFT's VeRA draws them; only 
 """
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import vera_linear
 
 
@@ -79,7 +79,7 @@ class VeRAProjections(nn.Module):
         return f"r={self.r}, max_in_features={self.max_in_features}, max_out_features={self.max_out_features}, seed={self.seed}"
 
 
-class FusedVeRALinear(nn.Module):
+class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
     """A frozen ``nn.Linear`` plus a VeRA adapter, computed by the fused engine.
 
     Args:
@@ -149,28 +149,6 @@ class FusedVeRALinear(nn.Module):
         A, B = self.projection_slices()
         dtype = self.lambda_d.dtype
         return (self.lambda_b[:, None] * B.to(dtype)) @ (self.lambda_d.to(dtype)[:, None] * A.to(dtype))
-
-    @torch.no_grad()
-    def _add_delta(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
-
-    def merge(self) -> None:
-        """Add the adapter into the base weight; forward then runs the plain base layer."""
-        if self.merged:
-            warnings.warn("FusedVeRALinear is already merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again."""
-        if not self.merged:
-            warnings.warn("FusedVeRALinear is not merged; nothing to do", stacklevel=2)
-            return
-        self._add_delta(-1.0)
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (
