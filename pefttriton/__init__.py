@@ -2,10 +2,11 @@
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend
-from pefttriton.ops import lowrank_linear, vera_linear
+from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
 from pefttriton.inject import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
 from pefttriton.lora import FusedLoRALinear
+from pefttriton.lorma import FusedLoRMALinear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
 from pefttriton.save import load_adapter, save_adapter
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
@@ -14,6 +15,7 @@ __all__ = [
     "DeepLoRAConfig",
     "FusedDeepLoRALinear",
     "FusedLoRALinear",
+    "FusedLoRMALinear",
     "FusedVeRALinear",
     "LoRAConfig",
     "LoRMAConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_peft_adapter",
+    "lorma_pi_linear",
     "lowrank_linear",
     "merge_and_unload",
     "print_trainable_parameters",

@@ -27,7 +27,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from pefttriton.kernels import lorma_pi as lp
 from pefttriton.kernels import lowrank_linear as lk
+
+_KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp}
 
 _TRITON_TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # Largest shared memory one block may use: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
@@ -44,6 +47,7 @@ class Variant:
     unit_strides: tuple  # stride arguments equal to 1 at this call site
     fp32_pointers: tuple = ()  # pointers that are fp32 whatever the input dtype (saved x A^T, gh, partials)
     block_r: int | None = None  # BLOCK_R of the low-rank backward kernel
+    module: str = "lowrank_linear"  # file of pefttriton/kernels/ that defines the kernel
 
 
 def _gemm_variants():
@@ -84,13 +88,27 @@ def _grad_variants():
     return variants
 
 
+def _lorma_pi_variants():
+    # The launchers upcast the factors: every pointer and dot is fp32 whatever the layer dtype.
+    return [
+        Variant("_shift_product_kernel", "LoRMA-pi: M = s shift(B A)", (), ("stride_br", "stride_am", "stride_on"),
+                ("b_ptr", "a_ptr", "out_ptr"), module="lorma_pi"),
+        Variant("_shift_grad_b_kernel", "LoRMA-pi: grad_B = s unshift(G) A^T", (("BLOCK_M", lp.GRAD_OUT_BLOCK),),
+                ("stride_gn", "stride_am", "stride_pr"), ("g_ptr", "a_ptr", "part_ptr"), module="lorma_pi"),
+        Variant("_shift_grad_a_kernel", "LoRMA-pi: grad_A = s B^T unshift(G)", (("BLOCK_N", lp.GRAD_OUT_BLOCK),),
+                ("stride_gn", "stride_br", "stride_pn"), ("g_ptr", "b_ptr", "part_ptr"), module="lorma_pi"),
+    ]
+
+
 def variants() -> list[Variant]:
     """Every (kernel, call site) pair the ops launch."""
-    return _gemm_variants() + _grad_variants()
+    return _gemm_variants() + _grad_variants() + _lorma_pi_variants()
 
 
 def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
     """The configs the autotuner may pick for this call site and dtype (``tf32``: fp32 inputs, TF32 dots)."""
+    if variant.module == "lorma_pi":
+        return lp.CONFIGS[variant.kernel]  # one list: fp32 dots for every input dtype
     if variant.kernel != "_linear_lowrank_kernel":
         return lk.GRAD_CONFIGS
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
@@ -125,10 +143,12 @@ def _config_str(config: triton.Config, block_r: int | None) -> str:
 
 
 def _source(variant: Variant, config: triton.Config, dtype: str, input_precision: str) -> ASTSource:
-    fn = getattr(lk, variant.kernel).fn  # the JITFunction under the autotuner
+    fn = getattr(_KERNEL_MODULES[variant.module], variant.kernel).fn  # the JITFunction under the autotuner
     constexprs = dict(variant.flags)
     constexprs.update(config.kwargs)
-    constexprs.update(INPUT_PRECISION=input_precision, DOT_IN_FP32=False)
+    constexprs.update(INPUT_PRECISION=input_precision)
+    if "DOT_IN_FP32" in fn.arg_names:
+        constexprs.update(DOT_IN_FP32=False)
     if variant.block_r is not None:
         block_m, block_r = lk.grad_blocks(variant.block_r)
         constexprs.update(BLOCK_M=block_m, BLOCK_R=block_r)
@@ -192,6 +212,8 @@ def jobs(targets=(80, 90), dtypes=("fp16", "bf16", "fp32", "tf32")) -> list[tupl
         (variant, index, dtype, cc)
         for variant in variants()
         for dtype in dtypes
+        # The LoRMA-pi launchers upcast 16-bit factors to fp32: only fp32 pointers are ever launched.
+        if variant.module != "lorma_pi" or dtype in ("fp32", "tf32")
         for index in range(len(_configs(variant, dtype)))
         for cc in targets
     ]

@@ -1,6 +1,7 @@
 """Fused ops: validation, backend dispatch and autograd around the Triton kernels."""
 
+from pefttriton.ops.lorma_pi import lorma_pi_linear, shift_product
 from pefttriton.ops.lowrank_linear import lowrank_linear
 from pefttriton.ops.vera_linear import vera_linear
 
-__all__ = ["lowrank_linear", "vera_linear"]
+__all__ = ["lorma_pi_linear", "lowrank_linear", "shift_product", "vera_linear"]

@@ -1,0 +1,266 @@
+"""LoRMA: low-rank *multiplicative* adaptation, ``W = T(B, A) @ W0`` with T an (m, m) multiplier.
+
+Three variants of the multiplier, ``s = alpha / r``, ``B`` (m, r), ``A`` (r, m):
+
+* ``"plus"`` (LoRMA+, additive rank inflation): ``T = I + s B A``, so ``W = W0 + s B (A W0)``.
+  Computed as the fused engine with ``A_eff = A @ W0`` (r, n) formed each step (``r m n`` FMAs,
+  independent of the tokens): no (m, m) nor per-token (m, n) matrix ever exists.
+* ``"pi"`` (LoRMA-pi, permutation rank inflation): ``T = s shift(B A)`` with
+  ``shift(P)[i, j] = P[i, (j - i) mod m]`` (row i rolled right by i; the authors'
+  ``torch.gather(P, 1, (j - i) % m)``). Dense and full rank: see :mod:`pefttriton.ops.lorma_pi`
+  for the Triton kernel that forms it and the two GEMM orders it is applied in.
+* ``"naive"`` (no rank inflation, the paper's ablation): ``T = s B A``, rank <= r, so the adapted
+  weight ``s B (A W0)`` has rank <= r. Computed as two skinny GEMMs, ``bias + s (x A_eff^T) B^T``,
+  in plain PyTorch on every backend (the frozen base GEMM disappears altogether).
+
+Initialisation (authors' code, Exploration-Lab/LoRMA, and ``methods.md``):
+
+* plus: ``A = 0``, ``B`` Kaiming-uniform(a=sqrt(5)): ``T = I`` at init. (The authors' GPT-2 code
+  does this; their GLUE/MetaMath ``rri`` code swaps the roles, ``B = 0``, ``A`` Kaiming; both give
+  ``T = I``.)
+* pi: ``B`` Kaiming-uniform(a=sqrt(5)) with column 0 set to 1, ``A = 0`` but ``A[0, 0] = 1``, both
+  divided by ``sqrt(s)``: then ``B A = (1/s) 1 e_0^T`` and ``s shift(B A) = I``.
+* naive: ``B`` Kaiming-uniform(a=sqrt(5)), ``A = pinv(B)``, both divided by ``sqrt(s)`` (the authors'
+  ``rank_inflation="none"``): ``T = B B^+``, the orthogonal projector onto the columns of ``B``.
+  A rank-r multiplier cannot be the identity, so this variant does *not* start at the base layer;
+  it starts at ``P_B W0`` (equal to ``W0`` only when ``W0``'s columns lie in ``span(B)``).
+
+The default ``alpha = 16`` is the authors' MetaMathQA default (``lorma_alpha=16`` with ``r=8``);
+their GLUE scripts use ``alpha = r``.
+"""
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
+from pefttriton.ops.lowrank_linear import lowrank_linear
+
+VARIANTS = ("plus", "pi", "naive")
+# LoRMA+ unmerges by the Woodbury identity when T = I + s B A is at most this ill-conditioned;
+# otherwise merge keeps a copy of W0. Rounding the merged weight to the layer dtype costs about
+# cond(T) * eps / 3 relative in the restored W0 (measured in fp32: 6e-7 at cond 81, 1.4e-6 at 49,
+# 6.7e-6 at 502), so at cond <= 10 it stays within a few eps. A trained adapter has T close to I.
+WOODBURY_MAX_COND = 10.0
+
+
+class FusedLoRMALinear(nn.Module):
+    """A frozen ``nn.Linear`` with a LoRMA adapter: ``y = x (T W0)^T + bias``.
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
+        r: rank of the factors.
+        alpha: scaling numerator, ``s = alpha / r`` (> 0).
+        variant: ``"plus"`` (``T = I + s B A``), ``"pi"`` (``T = s shift(B A)``) or ``"naive"``
+            (``T = s B A``); see the module docstring.
+
+    Trainable parameters: ``lorma_A`` (r, out_features) and ``lorma_B`` (out_features, r), float32
+    (float64 for a float64 base layer). Inputs must have the base layer's dtype.
+
+    Merging: ``merge()`` writes ``T W0`` into the base weight. Multiplicative updates do not undo
+    by subtraction, so ``unmerge()`` restores ``W0`` as follows. pi and naive (and plus for 16-bit
+    weights or an ill-conditioned ``I_r + s A B``) keep a copy of ``W0`` while merged (one weight's
+    memory, freed by ``unmerge``) and restore it bit for bit; naive's ``T`` is singular and pi's
+    would need an (m, m) solve. plus in fp32/fp64 with ``cond(T) <= WOODBURY_MAX_COND`` keeps
+    nothing and inverts with the Woodbury identity ``W0 = W - s B (I_r + s A B)^{-1} (A W)`` (an
+    r x r solve), within about ``cond(T) * eps`` of ``W0``. Do not change the factors while merged.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 16.0, variant: str = "plus") -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite float, got {alpha!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.r = r
+        self.alpha = float(alpha)
+        self.scale = self.alpha / r
+        self.variant = variant
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        weight = base_layer.weight
+        # fp32 factors (fp64 for an fp64 layer): 16-bit trainable parameters lose their updates.
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        m = self.out_features
+        self.lorma_A = nn.Parameter(torch.zeros(r, m, device=weight.device, dtype=dtype))
+        self.lorma_B = nn.Parameter(torch.zeros(m, r, device=weight.device, dtype=dtype))
+        self.register_buffer("base_weight_copy", None, persistent=False)  # W0 while merged, if kept
+        self.merged = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The variant's initialisation (module docstring)."""
+        A, B = self.lorma_A, self.lorma_B
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        if self.variant == "plus":
+            A.zero_()
+        elif self.variant == "pi":
+            B[:, 0] = 1.0
+            A.zero_()
+            A[0, 0] = 1.0
+            A.div_(math.sqrt(self.scale))
+            B.div_(math.sqrt(self.scale))
+        else:
+            A.copy_(torch.linalg.pinv(B))
+            A.div_(math.sqrt(self.scale))
+            B.div_(math.sqrt(self.scale))
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        if self.merged:
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.variant == "pi":
+            return lorma_pi_linear(x, weight, bias, self.lorma_A, self.lorma_B, scale=self.scale)
+        a_eff = self.lorma_A.to(weight.dtype) @ weight  # A W0, (r, in_features): r m n FMAs
+        B = self.lorma_B.to(weight.dtype)
+        if self.variant == "plus":
+            return lowrank_linear(x, weight, bias, a_eff, B, scale=self.scale)
+        return F.linear(F.linear(x, a_eff), B * self.scale, bias)
+
+    # ------------------------------------------------------------------------ the update
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.lorma_A.dtype
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0`` (out_features, in_features) in the factors' dtype, also while merged."""
+        weight = self.base_layer.weight
+        if not self.merged:
+            return weight.to(self._param_dtype())
+        if self.base_weight_copy is not None:
+            return self.base_weight_copy.to(self._param_dtype())
+        self._check_invertible()
+        return self._woodbury_unmerged(weight.to(self._param_dtype()))
+
+    def multiplier(self) -> torch.Tensor:
+        """The (m, m) multiplier ``T`` with ``W = T W0``; for analysis (forward never forms it for plus/naive)."""
+        A, B, s = self.lorma_A, self.lorma_B, self.scale
+        if self.variant == "pi":
+            return shift_product(B, A, s).to(A.dtype)
+        T = s * (B @ A)
+        if self.variant == "plus":
+            T = T + torch.eye(self.out_features, device=A.device, dtype=A.dtype)
+        return T
+
+    def adapted_weight(self) -> torch.Tensor:
+        """``T W0`` (out_features, in_features) in the factors' dtype: the weight the layer applies."""
+        return self.base_weight() + self.delta_weight()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``T W0 - W0`` (out_features, in_features) in fp32 (fp64 for an fp64 layer).
+
+        plus: ``s B (A W0)`` (rank <= r); pi: ``(s shift(B A) - I) W0``; naive: ``s B (A W0) - W0``.
+        """
+        W0 = self.base_weight()
+        A, B, s = self.lorma_A, self.lorma_B, self.scale
+        if self.variant == "plus":
+            return s * (B @ (A @ W0))
+        if self.variant == "naive":
+            return s * (B @ (A @ W0)) - W0
+        eye = torch.eye(self.out_features, device=A.device, dtype=A.dtype)
+        return (shift_product(B, A, s).to(A.dtype) - eye) @ W0
+
+    # ------------------------------------------------------------------------ merge / unmerge
+
+    def plus_multiplier_cond(self) -> float:
+        """2-norm condition number of ``T = I + s B A`` in O(m r^2), without forming T.
+
+        T is the identity on the complement of ``span([B, A^T])`` and maps that span (dimension
+        k <= 2r, orthonormal basis Q) into itself, so its singular values are those of
+        ``I_k + (Q^T s B)(A Q)`` and, when k < m, ones.
+        """
+        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        U = self.scale * B
+        Q, _ = torch.linalg.qr(torch.cat([U, A.T], dim=1))
+        k = Q.shape[1]
+        s = torch.linalg.svdvals(torch.eye(k, device=A.device, dtype=A.dtype) + (Q.T @ U) @ (A @ Q))
+        hi, lo = s.max().item(), s.min().item()
+        if k < self.out_features:
+            hi, lo = max(hi, 1.0), min(lo, 1.0)
+        return math.inf if lo == 0 else hi / lo
+
+    def _check_invertible(self) -> None:
+        if self.variant != "plus":
+            raise RuntimeError(
+                f"this merged {self.variant!r} layer has no copy of its base weight (merge() keeps one; it is not "
+                "saved in state_dict), and its multiplier cannot be inverted: W0 cannot be restored"
+            )
+
+    def _woodbury_core(self) -> torch.Tensor:
+        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        return torch.eye(self.r, device=A.device, dtype=A.dtype) + self.scale * (A @ B)
+
+    def _woodbury_unmerged(self, W: torch.Tensor) -> torch.Tensor:
+        # (I + s B A)^{-1} = I - s B (I_r + s A B)^{-1} A
+        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        return W - self.scale * (B @ torch.linalg.solve(self._woodbury_core(), A @ W))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write ``T W0`` into the base weight; forward then runs the plain base layer."""
+        if self.merged:
+            warnings.warn("FusedLoRMALinear is already merged; nothing to do", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        invertible = (
+            self.variant == "plus"
+            and weight.dtype in (torch.float32, torch.float64)
+            and self.plus_multiplier_cond() <= WOODBURY_MAX_COND
+        )
+        if not invertible:
+            self.base_weight_copy = weight.detach().clone()
+        merged = self.adapted_weight()
+        weight.copy_(merged.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` in the base weight (from the kept copy, or by the Woodbury identity for plus)."""
+        if not self.merged:
+            warnings.warn("FusedLoRMALinear is not merged; nothing to do", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        if self.base_weight_copy is not None:
+            weight.copy_(self.base_weight_copy)
+            self.base_weight_copy = None
+        else:
+            self._check_invertible()
+            weight.copy_(self._woodbury_unmerged(weight.to(self._param_dtype())).to(weight.dtype))
+        self.merged = False
+
+    # ------------------------------------------------------------------------------ costs
+
+    def extra_macs(self, tokens: int, training: bool = True) -> int:
+        """Multiply-adds per step beyond the frozen base layer (``N m n`` forward, ``N m n`` grad_x).
+
+        plus: ``r m n`` for ``A W0`` and ``N r (n + m)`` for the low-rank path forward; training adds
+        ``r m n`` for grad_A and ``2 N r (n + m)`` for the low-rank backward.
+        pi: :func:`pefttriton.ops.lorma_pi.pi_extra_macs` at the order the op picks.
+        naive: the same prep and low-rank path as plus, minus the base GEMMs it drops (negative).
+        """
+        N, m, n, r = tokens, self.out_features, self.in_features, self.r
+        if self.variant == "pi":
+            return pi_extra_macs(N, m, n, r, pi_order(N, m, n, training, r=r), training)
+        lowrank = (2 * r * m * n + 3 * N * r * (n + m)) if training else (r * m * n + N * r * (n + m))
+        if self.variant == "plus":
+            return lowrank
+        return lowrank - (2 if training else 1) * N * m * n
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, variant={self.variant!r}, merged={self.merged}"
+        )
