@@ -42,8 +42,8 @@ from torch import Tensor
 from pefttriton.backend import resolve_backend
 from pefttriton.kernels import lorma_pi as kernels
 from pefttriton.kernels.lowrank_linear import acc_dtype, linear_lowrank
+from pefttriton.ops.validation import FLOAT_DTYPES, check_x_and_weight
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ORDERS = ("auto", "tokens", "weight")
 _GRAD_NAMES = ("x", "weight", "bias", "A", "B")
 
@@ -318,7 +318,7 @@ def shift_product(B: Tensor, A: Tensor, scale: float = 1.0) -> Tensor:
         backend it is formed straight from the factors in one launch (no ``B A`` intermediate).
     """
     device = B.device if isinstance(B, Tensor) else None
-    _check_factors(B, A, device, _FLOAT_DTYPES)
+    _check_factors(B, A, device, FLOAT_DTYPES)
     return _shift_product_op(B, A, _check_scale(scale))
 
 
@@ -345,19 +345,7 @@ def lorma_pi_linear(
     Returns:
         (..., m) tensor of ``x.dtype``, differentiable in every tensor argument.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have shape (..., in_features), got a scalar")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
-    m, n = weight.shape
-    if x.shape[-1] != n:
-        raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
+    m, n = check_x_and_weight(x, weight)
     _check("weight", weight, (m, n), x.device, (x.dtype,), "(out_features, in_features)")
     if bias is not None:
         _check("bias", bias, (m,), x.device, (x.dtype,), "(out_features,)")

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from pefttriton.backend import get_gemm_mode, resolve_backend
 from pefttriton.kernels import lowrank_linear as kernels
+from pefttriton.ops.validation import check_x_and_weight
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GRAD_NAMES = ("x", "weight", "bias", "A", "B", "d", "b")
 
 
@@ -229,19 +229,7 @@ def lowrank_linear(
         (..., m) tensor of ``x.dtype``. Differentiable in every tensor argument; backward saves
         ``x A^T`` (N, r) and, only when ``A`` or ``weight`` needs a gradient, ``x``.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have shape (..., in_features), got a scalar")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
-    m, n = weight.shape
-    if x.shape[-1] != n:
-        raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
+    m, n = check_x_and_weight(x, weight)
     if not isinstance(A, Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
     if A.dim() != 2:
