@@ -70,6 +70,7 @@ from torch import nn
 
 from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import lowrank_linear
+from pefttriton.ops.validation import check_base_and_rank
 
 DEFAULT_EPS = 1e-3
 """Initialisation scale: the authors' ``lora_init_scale`` (dlt/configs.py and every script)."""
@@ -166,10 +167,7 @@ class FusedDeepLoRALinear(AdditiveMergeMixin, nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, *, eps: float = DEFAULT_EPS) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        check_base_and_rank(base_layer, r)
         self.eps = _check_eps(eps)
         weight = base_layer.weight
         base_layer.requires_grad_(False)

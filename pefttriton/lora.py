@@ -14,13 +14,7 @@ from torch import nn
 
 from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import lowrank_linear
-
-
-def _check_base_and_rank(base_layer, r) -> None:
-    if not isinstance(base_layer, nn.Linear):
-        raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+from pefttriton.ops.validation import check_base_and_rank
 
 
 def _param_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -51,7 +45,7 @@ class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 8.0, dropout: float = 0.0) -> None:
         super().__init__()
-        _check_base_and_rank(base_layer, r)
+        check_base_and_rank(base_layer, r)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite float, got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
 from pefttriton.ops.lowrank_linear import lowrank_linear
+from pefttriton.ops.validation import check_base_and_rank
 
 VARIANTS = ("plus", "pi", "naive")
 # LoRMA+ unmerges by the Woodbury identity when T = I + s B A is at most this ill-conditioned;
@@ -71,10 +72,7 @@ class FusedLoRMALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 16.0, variant: str = "plus") -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        check_base_and_rank(base_layer, r)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite float, got {alpha!r}")
         if variant not in VARIANTS:

@@ -12,6 +12,7 @@ from torch import nn
 
 from pefttriton.merging import AdditiveMergeMixin
 from pefttriton.ops import vera_linear
+from pefttriton.ops.validation import check_base_and_rank
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -105,10 +106,7 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
         projections: VeRAProjections | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        check_base_and_rank(base_layer, r)
         weight = base_layer.weight
         if projections is None:
             projections = VeRAProjections(

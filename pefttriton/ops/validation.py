@@ -1,7 +1,7 @@
 """Input checks shared by the fused ops: errors name the argument and the expected shape or dtype."""
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -22,3 +22,11 @@ def check_x_and_weight(x, weight) -> tuple[int, int]:
     if x.shape[-1] != n:
         raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
     return m, n
+
+
+def check_base_and_rank(base_layer, r) -> None:
+    """What every adapter layer's constructor checks: an ``nn.Linear`` base and a positive int rank."""
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
