@@ -4,7 +4,7 @@ from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfi
 from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend
 from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
-from pefttriton.inject import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
+from pefttriton.injection import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.lorma import FusedLoRMALinear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter

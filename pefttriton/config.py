@@ -19,6 +19,8 @@ PEFT                          pefttriton
 ``target_modules`` means what it means in PEFT: a list of names, each matching a module whose
 full name equals it or ends with ``"." + name``; or one regular expression that must match the
 full module name (``re.fullmatch``). ``exclude_modules`` removes matches the same way.
+``modules_to_save`` names, by the same list rule, modules that train in full beside the adapters
+(a classification head, say; PEFT's ``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class _AdapterConfig:
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
 
     #: Name of the adapter, as stored in checkpoints (``"vera"``, ``"lora"``, ...).
     adapter_type = ""
@@ -70,6 +73,9 @@ class _AdapterConfig:
         _check_positive_int("r", self.r)
         self.target_modules = _normalise_targets("target_modules", self.target_modules, required=True)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules, required=False)
+        if isinstance(self.modules_to_save, str):
+            raise TypeError("modules_to_save must be a list of module names, got a str (PEFT takes no regex here)")
+        self.modules_to_save = _normalise_targets("modules_to_save", self.modules_to_save, required=False)
 
     def to_dict(self) -> dict:
         """JSON-serialisable fields plus ``adapter_type``."""
@@ -90,6 +96,7 @@ class VeRAConfig(_AdapterConfig):
         r: rank of the shared projections (PEFT's default 256; the paper uses 256 to 1024).
         target_modules: which layers to adapt (see the module docstring).
         exclude_modules: layers to leave alone even when they match.
+        modules_to_save: modules that train in full beside the adapters (a classification head).
         projection_seed: seed of the shared projections (PEFT's ``projection_prng_key``).
         d_initial: initial value of every ``lambda_d`` entry (``lambda_b`` starts at 0).
     """
@@ -126,6 +133,7 @@ class LoRAConfig(_AdapterConfig):
     Args:
         r: rank (PEFT's default 8).
         target_modules, exclude_modules: which layers to adapt.
+        modules_to_save: modules that train in full beside the adapters (a classification head).
         lora_alpha: scale numerator (PEFT's default 8); the module's ``alpha``.
         lora_dropout: dropout on the adapter input (PEFT's default 0); the module's ``dropout``.
     """
@@ -153,6 +161,7 @@ class DeepLoRAConfig(_AdapterConfig):
     Args:
         r: compressed width (the authors use 8).
         target_modules, exclude_modules: which layers to adapt.
+        modules_to_save: modules that train in full beside the adapters (a classification head).
         eps: initialisation scale; None takes the module's default (the authors' 1e-3).
 
     After :func:`pefttriton.inject`, run :func:`pefttriton.deep_lora.compress_init` for the
@@ -181,6 +190,7 @@ class LoRMAConfig(_AdapterConfig):
     Args:
         r: rank.
         target_modules, exclude_modules: which layers to adapt.
+        modules_to_save: modules that train in full beside the adapters (a classification head).
         alpha: scale numerator, ``s = alpha / r``; None takes the module's default.
         variant: ``"plus"``, ``"pi"`` or ``"naive"``.
     """

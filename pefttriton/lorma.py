@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pefttriton.merging import check_finite_merge, untie_before_merge
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
 from pefttriton.ops.lowrank_linear import lowrank_linear
 from pefttriton.ops.validation import check_base_and_rank
@@ -207,11 +208,20 @@ class FusedLoRMALinear(nn.Module):
         return W - self.scale * (B @ torch.linalg.solve(self._woodbury_core(), A @ W))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write ``T W0`` into the base weight; forward then runs the plain base layer."""
+    def merge(self, safe_merge: bool = False) -> None:
+        """Write ``T W0`` into the base weight; forward then runs the plain base layer.
+
+        Args:
+            safe_merge: check the merged weight for NaN/Inf first and raise ``ValueError``, leaving
+                the base weight unchanged (PEFT's ``safe_merge``).
+        """
         if self.merged:
             warnings.warn("FusedLoRMALinear is already merged; nothing to do", stacklevel=2)
             return
+        merged = self.adapted_weight()
+        if safe_merge:
+            check_finite_merge(self, merged)
+        untie_before_merge(self)
         weight = self.base_layer.weight
         invertible = (
             self.variant == "plus"
@@ -220,7 +230,6 @@ class FusedLoRMALinear(nn.Module):
         )
         if not invertible:
             self.base_weight_copy = weight.detach().clone()
-        merged = self.adapted_weight()
         weight.copy_(merged.to(weight.dtype))
         self.merged = True
 

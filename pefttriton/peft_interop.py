@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pefttriton.inject import (
+from pefttriton.injection import (
     build_layer,
     freeze_all_but_adapters,
     fused_layers,
@@ -374,7 +374,7 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
     ``lora_A = W2 W1``, ``lora_B = W3``, ``lora_alpha = r``: the same update, no longer factored).
     Layers converted from GPT-2's Conv1D set ``fan_in_fan_out``. Merged layers are refused.
     """
-    from pefttriton.inject import adapter_type_of
+    from pefttriton.injection import adapter_type_of
 
     layers = fused_layers(model)
     if not layers:

@@ -26,7 +26,7 @@ import os
 import torch
 from torch import nn
 
-from pefttriton.inject import (
+from pefttriton.injection import (
     adapter_parameters,
     adapter_type_of,
     build_layer,

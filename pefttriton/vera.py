@@ -17,7 +17,8 @@ from pefttriton.ops.validation import check_base_and_rank
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     # PEFT's ``_kaiming_init``: fp32 on the CPU, bound sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1].
-    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    # A zero-sized shape draws nothing (PEFT's init is a no-op there too).
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(max(shape[1], 1))
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
@@ -48,9 +49,13 @@ class VeRAProjections(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("r", r), ("max_in_features", max_in_features), ("max_out_features", max_out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        for name, value in (("max_in_features", max_in_features), ("max_out_features", max_out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int (PEFT's projection_prng_key), got {seed!r}")
         self.r, self.seed = r, seed
         generator = torch.Generator(device="cpu").manual_seed(seed)
         vera_A = _kaiming_uniform((r, max_in_features), generator)
@@ -107,6 +112,8 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
     ) -> None:
         super().__init__()
         check_base_and_rank(base_layer, r)
+        if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+            raise ValueError(f"d_initial must be a finite float, got {d_initial!r}")
         weight = base_layer.weight
         if projections is None:
             projections = VeRAProjections(
@@ -128,13 +135,27 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
         self.out_features = base_layer.out_features
         # fp32 vectors (fp64 for an fp64 layer): 16-bit trainable parameters lose their updates.
         lambda_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device, dtype=lambda_dtype))
+        self.d_initial = float(d_initial)
+        self.lambda_d = nn.Parameter(torch.full((r,), self.d_initial, device=weight.device, dtype=lambda_dtype))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=lambda_dtype))
         self.merged = False
 
     def projection_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's ``A`` (r, in_features) and ``B`` (out_features, r)."""
-        return self.projections.slices(self.r, self.in_features, self.out_features)
+        """This layer's ``A`` (r, in_features) and ``B`` (out_features, r), in the base weight's dtype.
+
+        The projections are shared, so ``.half()`` or ``.to()`` on one layer converts them for every
+        layer: like PEFT, each layer casts its slices to its own dtype (an (r, n) and an (m, r) copy
+        only when they differ). A device mismatch is an error, since a copy per call across devices
+        would be silently slow.
+        """
+        A, B = self.projections.slices(self.r, self.in_features, self.out_features)
+        weight = self.base_layer.weight
+        if A.device != weight.device:
+            raise ValueError(
+                f"the shared VeRA projections are on {A.device} but this layer's base weight is on {weight.device}; "
+                "move the whole model (every layer sharing the projections) to one device"
+            )
+        return A.to(weight.dtype), B.to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -151,5 +172,5 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"seed={self.projections.seed}, merged={self.merged}"
+            f"seed={self.projections.seed}, d_initial={self.d_initial:g}, merged={self.merged}"
         )

@@ -18,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import pefttriton  # noqa: F401  (registers the pefttriton:: ops)
 from pefttriton.config import LoRAConfig, VeRAConfig
-from pefttriton.inject import fused_layers, inject
+from pefttriton.injection import fused_layers, inject
 
 
 def _model(gen):

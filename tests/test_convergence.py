@@ -23,7 +23,7 @@ from peft import VeraConfig, get_peft_model
 from test_inject import tiny_llama
 
 from pefttriton.config import VeRAConfig
-from pefttriton.inject import inject
+from pefttriton.injection import inject
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, SEED, LR = 16, 1, 2e-2

@@ -30,7 +30,7 @@ def _build():
     from test_inject import tiny_llama
 
     from pefttriton.config import VeRAConfig
-    from pefttriton.inject import inject
+    from pefttriton.injection import inject
 
     model = tiny_llama(seed=0)
     torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))  # must not matter for the projections

@@ -29,7 +29,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig, config_from_dict
-from pefttriton.inject import (
+from pefttriton.injection import (
     fused_layers,
     inject,
     matches,

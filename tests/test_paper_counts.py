@@ -20,7 +20,7 @@ from conftest import rel_err
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 from pefttriton.config import VeRAConfig
-from pefttriton.inject import fused_layers, inject, trainable_parameter_summary
+from pefttriton.injection import fused_layers, inject, trainable_parameter_summary
 
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_inject import model_output, tiny_encoder, tiny_gpt2, tiny_llama, token_ids
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
-from pefttriton.inject import fused_layers, inject
+from pefttriton.injection import fused_layers, inject
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
 from pefttriton.vera import FusedVeRALinear

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.inject import fused_layers, inject
+from pefttriton.injection import fused_layers, inject
 from pefttriton.save import load_adapter, read_adapter, save_adapter
 from pefttriton.vera import VeRAProjections
 

@@ -317,7 +317,9 @@ def test_rejects_projections_of_other_dtype():
 
 def test_rejects_bad_projection_sizes():
     with pytest.raises(ValueError, match="max_in_features"):
-        VeRAProjections(4, 0, 10)
+        VeRAProjections(4, -1, 10)
+    with pytest.raises(ValueError, match="r must be"):
+        VeRAProjections(0, 4, 10)
 
 
 def test_forward_rejects_wrong_last_dim(backend, gen):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -199,15 +200,82 @@ def build_layer(
     return classes[adapter_type](base_layer, r, **kwargs)
 
 
+def tied_parameter_names(model: nn.Module, param: nn.Parameter, inside: str) -> list[str]:
+    """Names under which ``model`` holds ``param`` outside the module called ``inside``."""
+    return [
+        pname
+        for pname, p in model.named_parameters(remove_duplicate=False)
+        if p is param and not pname.startswith(inside + ".")
+    ]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """``model.<name> = new`` for a dotted ``name``."""
+    """``model.<name> = new`` for a dotted ``name``.
+
+    When ``new`` is an adapter layer whose base weight the model also holds elsewhere (a tied
+    ``lm_head``), this warns, as PEFT does, and records the other names in
+    ``new.tied_weight_names``, so that merging leaves them unchanged (see
+    :func:`pefttriton.merging.untie_before_merge`).
+    """
+    base = getattr(new, "base_layer", None)
+    if name and base is not None and isinstance(new, tuple(fused_layer_classes().values())):
+        tied = tied_parameter_names(model, base.weight, name)
+        if tied:
+            warnings.warn(
+                f"{name}: the adapted weight is tied to {tied} (tie_word_embeddings); merging will untie them",
+                stacklevel=3,
+            )
+            new.tied_weight_names = tied
     parent, child = _parent(model, name)
     setattr(parent, child, new)
 
 
+# Attribute of the root module listing the full names of its modules_to_save (PEFT's term): the
+# modules that train in full beside the adapters. Kept on the model so that a later inject or load
+# does not freeze them again, and so that export and save know them.
+_MODULES_TO_SAVE_ATTR = "_pefttriton_modules_to_save"
+
+
+def modules_to_save(model: nn.Module) -> list[str]:
+    """Full names of the modules of ``model`` that train in full beside the adapters."""
+    return list(getattr(model, _MODULES_TO_SAVE_ATTR, ()))
+
+
+def add_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Record ``names`` (full module names of ``model``) as modules that train in full."""
+    for name in names:
+        model.get_submodule(name)  # raises AttributeError for a name the model does not have
+    known = modules_to_save(model)
+    setattr(model, _MODULES_TO_SAVE_ATTR, known + [name for name in names if name not in known])
+
+
+def find_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Full names of the modules that ``patterns`` (PEFT list rule, see :func:`matches`) names.
+
+    Raises:
+        ValueError: a pattern matches no module, or a match is or lies inside a fused adapter layer.
+    """
+    classes = tuple(fused_layer_classes().values())
+    fused = [name for name, m in model.named_modules() if isinstance(m, classes)]
+    found = []
+    for pattern in patterns:
+        hits = [name for name, _ in model.named_modules() if name and _name_matches([pattern], name)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model")
+        for name in hits:
+            if any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in fused):
+                raise ValueError(f"modules_to_save entry {pattern!r} matches {name!r}, which holds or is an adapter layer")
+            if name not in found:
+                found.append(name)
+    return found
+
+
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    """``requires_grad`` True exactly for the adapter parameters of the model's fused layers."""
+    """``requires_grad`` True exactly for the adapter parameters of the model's fused layers and
+    every parameter of its recorded modules to save (:func:`modules_to_save`)."""
     keep = {id(p) for _, layer in fused_layers(model) for p in adapter_parameters(layer).values()}
+    for name in modules_to_save(model):
+        keep.update(id(p) for p in model.get_submodule(name).parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
 
@@ -220,9 +288,10 @@ def inject(model: nn.Module, config: _AdapterConfig) -> nn.Module:
     * VeRA: one :class:`VeRAProjections` of rank ``config.r`` sized to the largest in- and
       out-features among the matched layers (PEFT's ``_find_dim``), drawn from
       ``config.projection_seed`` exactly as PEFT draws them, shared by every new layer.
-    * Afterwards every parameter of the model is frozen except the adapters' own (of this and
-      of any earlier :func:`inject`), like PEFT without ``modules_to_save``; unfreeze a head
-      yourself if it should train.
+    * Afterwards every parameter of the model is frozen except the adapters' own and those of
+      the modules named by ``config.modules_to_save`` (of this and of any earlier :func:`inject`),
+      like PEFT. Those modules train in place (PEFT trains a copy and keeps the original for
+      ``disable_adapter``, which pefttriton does not have).
 
     Args:
         model: any ``nn.Module`` (a transformers model built from a config, a plain stack...).
@@ -240,6 +309,10 @@ def inject(model: nn.Module, config: _AdapterConfig) -> nn.Module:
     if config.adapter_type not in fused_layer_classes():
         raise ValueError(f"the {type(config).__name__} adapter module is not available in this installation")
     targets = find_targets(model, config)
+    save_names = find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
+    clash = [name for name in save_names for t, _ in targets if t == name or t.startswith(name + ".")]
+    if clash:
+        raise ValueError(f"modules_to_save {clash[:4]} hold layers that target_modules adapts; a module is one or the other")
     bases = [(name, linear_from_conv1d(m) if is_conv1d(m) else m, is_conv1d(m)) for name, m in targets]
 
     projections = None
@@ -260,31 +333,42 @@ def inject(model: nn.Module, config: _AdapterConfig) -> nn.Module:
         layer = build_layer(config.adapter_type, base, config.r, config.layer_kwargs(), projections)
         layer.fan_in_fan_out = conv
         replace_module(model, name, layer)
+    if save_names:
+        add_modules_to_save(model, save_names)
     freeze_all_but_adapters(model)
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Fold every fused adapter into its base weight and put the plain layer back, in place.
 
     Each fused layer is merged (``W0 + delta_weight()``, in fp32 and cast to the weight's dtype;
     a layer already merged is taken as it is) and replaced by its ``base_layer``, or by a
     ``Conv1D`` holding the transposed merged weight where the layer came from one. Returns
     ``model``, whose forward then needs no pefttriton code.
+
+    Args:
+        safe_merge: check every merged weight for NaN/Inf before changing anything and raise
+            ``ValueError`` naming the layer (PEFT's ``safe_merge``); the model is then unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = fused_layers(model)
+    if safe_merge:
+        for name, layer in layers:
+            if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+                raise ValueError(f"layer {name!r}: NaN or Inf in the adapter; nothing was merged")
     # Innermost first is not an issue: a fused layer's base_layer is always a plain nn.Linear.
     for name, layer in layers:
         if not layer.merged:
-            layer.merge()
+            layer.merge(safe_merge=safe_merge)
         base = layer.base_layer
         plain = conv1d_from_linear(base) if getattr(layer, "fan_in_fan_out", False) else base
         if name:
             replace_module(model, name, plain)
         else:
             return plain  # the model was a single fused layer
+    model.__dict__.pop(_MODULES_TO_SAVE_ATTR, None)  # its modules keep their trained weights
     return model
 
 
@@ -352,6 +436,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 __all__ = [
+    "add_modules_to_save",
     "adapter_parameters",
     "adapter_type_of",
     "find_targets",
@@ -360,6 +445,7 @@ __all__ = [
     "inject",
     "matches",
     "merge_and_unload",
+    "modules_to_save",
     "ParameterSummary",
     "print_trainable_parameters",
     "trainable_parameter_summary",
