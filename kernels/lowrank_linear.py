@@ -15,7 +15,8 @@ and these two kernels implement it, forward and backward, with no (tokens, out) 
   ``gh = scale * d * ((b * g) B)`` and per-block partial sums of ``grad_d`` and ``grad_b``.
 
 Kernel-local names use GEMM letters: M rows (tokens), N output columns, K reduction, R rank.
-Launchers take 2-D tensors of any strides; validation and autograd live in ``pefttriton.ops``.
+Launchers take tensors of any strides (matrices are read through their strides, vectors made
+contiguous); validation and autograd live in ``pefttriton.ops``.
 """
 
 import contextlib
@@ -288,11 +289,18 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _vector(v: torch.Tensor | None) -> torch.Tensor | None:
+    # The kernels read (n,) vectors as ``ptr + offs``: a strided or expanded view (b = P[:, 1],
+    # bias = v[::2], an expand) is copied to a contiguous one first (a small copy, if any).
+    return None if v is None else v.contiguous()
+
+
 def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     has_main, has_lowrank = x is not None, h is not None
     M, N = y.shape
     if M == 0 or N == 0:
         return y
+    bias, d, bvec = _vector(bias), _vector(d), _vector(bvec)
     dummy = lowrank_B if weight is None else weight  # never read: its constexpr flag is off
     x_ = x if has_main else dummy
     w_ = weight if has_main else dummy
@@ -374,6 +382,7 @@ def lowrank_grads(
     """
     M, N = g.shape
     R = xa.shape[1]
+    d, bvec = _vector(d), _vector(bvec)
     block_m, block_r = grad_blocks(R)
     m_blocks, r_blocks = triton.cdiv(M, block_m), triton.cdiv(R, block_r)
     acc = acc_dtype(lowrank_B.dtype)

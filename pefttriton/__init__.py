@@ -1,7 +1,7 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend
+from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend, use_gemm_mode
 from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
 from pefttriton.injection import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
@@ -39,6 +39,7 @@ __all__ = [
     "set_gemm_mode",
     "trainable_parameter_summary",
     "use_backend",
+    "use_gemm_mode",
     "vera_linear",
 ]
 __version__ = "0.1.0"

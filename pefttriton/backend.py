@@ -1,11 +1,26 @@
-"""Which implementation runs the fused ops: Triton kernels or plain PyTorch.
+"""Which implementation runs the fused ops: Triton kernels (in one of two GEMM modes) or PyTorch.
 
-``auto`` (the default) picks Triton for CUDA tensors and PyTorch otherwise. ``triton`` on CPU
-tensors needs Triton's interpreter: set ``TRITON_INTERPRET=1`` before importing pefttriton
+``auto`` (the default backend) picks Triton for CUDA tensors and PyTorch otherwise. ``triton`` on
+CPU tensors needs Triton's interpreter: set ``TRITON_INTERPRET=1`` before importing pefttriton
 (Triton reads it when the kernels are defined).
+
+State. :func:`set_backend` and :func:`set_gemm_mode` set process-wide defaults, seen by every
+thread (the autograd engine's device threads included), like ``torch.backends`` flags.
+:func:`use_backend` and :func:`use_gemm_mode` override them for the current context only (thread
+or asyncio task) and restore the previous choice on exit, so threads that interleave them never
+see each other's choice. ``PEFTTRITON_BACKEND`` and ``PEFTTRITON_GEMM_MODE`` set the initial
+defaults; a value outside the allowed names fails at import with the variable's name.
+
+Every call of a fused op resolves the state once into a *path* (:func:`resolve_path`): ``"torch"``,
+``"fused"`` or ``"split"``. Eager calls pass it to the op and its backward, so the two always agree.
+Under ``torch.compile`` the op resolves the path itself when it runs (a compiled graph follows later
+changes of the state without recompiling); its backward resolves again when it runs, which, on
+CUDA, happens in an autograd thread that sees the process-wide default and not a :func:`use_backend`
+override.
 """
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
@@ -13,8 +28,27 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 GEMM_MODES = ("fused", "split")
-_backend = os.environ.get("PEFTTRITON_BACKEND", "auto")
-_gemm_mode = os.environ.get("PEFTTRITON_GEMM_MODE", "fused")
+PATHS = ("torch", "fused", "split")
+
+
+def _from_environment(variable: str, allowed: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(variable, "")
+    if value == "":
+        return default
+    if value not in allowed:
+        raise ValueError(f"environment variable {variable}={value!r} must be one of {allowed} (names are lower case)")
+    return value
+
+
+class _Defaults:
+    """The process-wide choices (one object, so that reading them is one attribute lookup)."""
+
+    backend = _from_environment("PEFTTRITON_BACKEND", BACKENDS, "auto")
+    gemm_mode = _from_environment("PEFTTRITON_GEMM_MODE", GEMM_MODES, "fused")
+
+
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pefttriton_backend", default=None)
+_gemm_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pefttriton_gemm_mode", default=None)
 
 
 def interpreting() -> bool:
@@ -22,58 +56,88 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def set_backend(name: str) -> None:
-    """Choose the backend of every fused op: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _backend = name
+    """Choose the backend of every fused op, process-wide: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    A :func:`use_backend` block active in the calling context still takes precedence there.
+    """
+    _Defaults.backend = _check(name, BACKENDS, "backend")
 
 
 def get_backend() -> str:
-    """The backend set by :func:`set_backend` (``"auto"`` unless changed)."""
-    return _backend
+    """The backend in force in this context: a :func:`use_backend` override, else the default."""
+    override = _backend_override.get()
+    return _Defaults.backend if override is None else override
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
-    previous = get_backend()
-    set_backend(name)
+    """Use backend ``name`` in this context (thread or task) only; the previous choice on exit."""
+    token = _backend_override.set(_check(name, BACKENDS, "backend"))
     try:
         yield
     finally:
-        set_backend(previous)
-
-
-def resolve_backend(device: torch.device) -> str:
-    """The backend that runs on ``device`` now: ``"triton"`` or ``"torch"``."""
-    if _backend == "torch":
-        return "torch"
-    if _backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            f"the triton backend needs CUDA tensors (got {device.type}); to run it on the CPU set "
-            "TRITON_INTERPRET=1 before importing pefttriton"
-        )
-    return "triton"
+        _backend_override.reset(token)
 
 
 def set_gemm_mode(mode: str) -> None:
-    """How the Triton backend runs the base GEMM ``x W^T`` (and ``g W`` in backward).
+    """How the Triton backend runs the base GEMM ``x W^T`` (and ``g W`` in backward), process-wide.
 
     ``"fused"`` (default): one Triton GEMM whose K loop also covers the low-rank path; ``y`` is
     written once. ``"split"``: cuBLAS (``torch.addmm``) computes the base GEMM, then a Triton
     kernel adds the low-rank path into ``y`` (one extra read and write of ``y``). A tuned cuBLAS
     can beat a Triton GEMM on some shapes; the benchmark reports both so the choice is measured.
     """
-    global _gemm_mode
-    if mode not in GEMM_MODES:
-        raise ValueError(f"gemm mode must be one of {GEMM_MODES}, got {mode!r}")
-    _gemm_mode = mode
+    _Defaults.gemm_mode = _check(mode, GEMM_MODES, "gemm mode")
 
 
 def get_gemm_mode() -> str:
-    """The mode set by :func:`set_gemm_mode` (``"fused"`` unless changed)."""
-    return _gemm_mode
+    """The GEMM mode in force in this context: a :func:`use_gemm_mode` override, else the default."""
+    override = _gemm_mode_override.get()
+    return _Defaults.gemm_mode if override is None else override
+
+
+@contextlib.contextmanager
+def use_gemm_mode(mode: str) -> Iterator[None]:
+    """Use GEMM mode ``mode`` in this context only; the previous choice on exit."""
+    token = _gemm_mode_override.set(_check(mode, GEMM_MODES, "gemm mode"))
+    try:
+        yield
+    finally:
+        _gemm_mode_override.reset(token)
+
+
+def resolve_path(device: torch.device, dtype: torch.dtype) -> str:
+    """What runs a fused op on tensors of ``device`` and ``dtype`` now: ``"torch"``, ``"fused"``
+    or ``"split"`` (the last two are the Triton backend's GEMM modes).
+
+    float64 on a GPU takes the torch path: no float64 kernel configuration is compiled or checked
+    for GPUs. Under the interpreter float64 runs in the kernels, for tight tests.
+
+    Raises:
+        RuntimeError: the triton backend was asked for on a CPU tensor without the interpreter.
+    """
+    backend = get_backend()
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return "torch"
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"the triton backend needs CUDA tensors (got {device.type}); to run it on the CPU set "
+            "TRITON_INTERPRET=1 before importing pefttriton"
+        )
+    if device.type == "cuda" and dtype == torch.float64:
+        return "torch"
+    return get_gemm_mode()
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that runs on ``device`` now: ``"triton"`` or ``"torch"``."""
+    return "torch" if resolve_path(device, torch.float32) == "torch" else "triton"

@@ -22,6 +22,20 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _peft_lora_A(r: int, in_features: int, out_features: int) -> torch.Tensor:
+    """``lora_A`` (r, in_features) drawn exactly as PEFT's LoRA draws it (``init_lora_weights=True``).
+
+    PEFT builds ``nn.Linear(in_features, r)`` and ``nn.Linear(r, out_features)`` (each drawing its
+    default Kaiming-uniform weight from the global CPU generator, in float32), then draws ``A``
+    again and zeroes ``B``. Making the same three draws keeps the global generator in step, so the
+    same ``torch.manual_seed`` and target order give PEFT's ``lora_A`` bit for bit.
+    """
+    draws = [torch.empty(r, in_features), torch.empty(out_features, r), torch.empty(r, in_features)]
+    for t in draws:
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return draws[2]
+
+
 class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
     """A frozen ``nn.Linear`` plus a LoRA adapter, computed by the fused engine.
 
@@ -62,10 +76,8 @@ class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
         # PEFT uses nn.Identity for p == 0; so does this layer, and then the fused path always runs.
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
         dtype = _param_dtype(weight)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_A = nn.Parameter(_peft_lora_A(r, self.in_features, self.out_features).to(weight.device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device, dtype=dtype))
-        # PEFT's reset_lora_parameters (init_lora_weights=True): the nn.Linear default for A, B = 0.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,8 @@ class FusedLoRMALinear(nn.Module):
         ``I_k + (Q^T s B)(A Q)`` and, when k < m, ones.
         """
         A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            return math.inf  # a broken adapter: T is not invertible in any useful sense
         U = self.scale * B
         Q, _ = torch.linalg.qr(torch.cat([U, A.T], dim=1))
         k = Q.shape[1]

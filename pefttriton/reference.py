@@ -28,3 +28,21 @@ def lowrank_linear_reference(
     if b is not None:
         up = up * b
     return y + scale * up
+
+
+def shift_reference(P: torch.Tensor) -> torch.Tensor:
+    """LoRMA-pi's ``shift(P)[i, j] = P[i, (j - i) mod m]``: row i of the square ``P`` rolled right by i."""
+    return torch.stack([torch.roll(P[i], i) for i in range(P.shape[0])]) if P.shape[0] else P
+
+
+def lorma_pi_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``y = x (scale * shift(B A) W)^T + bias`` for x of shape (..., n)."""
+    y = x @ (scale * shift_reference(B @ A) @ weight).T
+    return y + bias if bias is not None else y

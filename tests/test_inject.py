@@ -437,3 +437,19 @@ def test_shared_projections_one_module():
     assert len(projections) == 1  # model.modules() deduplicates: one shared object
     # non-persistent buffers: the model's state dict does not grow by the projections
     assert not any("vera_A" in key or "vera_B" in key for key in model.state_dict())
+
+
+def test_no_public_name_shadows_a_module():
+    """``pefttriton.<name>`` never hides the submodule ``pefttriton/<name>.py`` (the function
+    ``inject`` once shadowed the module ``pefttriton.inject``)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import pefttriton
+
+    for info in pkgutil.iter_modules(pefttriton.__path__):
+        module = importlib.import_module(f"pefttriton.{info.name}")
+        attr = getattr(pefttriton, info.name, module)
+        assert attr is module, f"pefttriton.{info.name} is a {type(attr).__name__}, not the module"
+        assert isinstance(attr, types.ModuleType)

@@ -10,6 +10,7 @@ from conftest import rel_err
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+import pefttriton
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.ops import lowrank_linear
 
@@ -111,16 +112,30 @@ def test_matches_peft_with_dropout_in_eval(backend, gen):
     _compare(fused_model, peft_model, pairs, torch.float32, 1e-5, gen)
 
 
-def test_initialisation_is_peft_default(gen):
-    """A: torch's kaiming_uniform_(a=sqrt(5)) draw (PEFT's init_lora_weights=True), B = 0."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_initialisation_draws_like_peft(dtype):
+    """Same torch.manual_seed, same targets: pefttriton's lora_A equal PEFT's bit for bit, layer
+    after layer (PEFT draws three Kaiming-uniform tensors per layer: A, B, then A again)."""
     r = 6
+    base = TwoLayers().to(dtype)
     torch.manual_seed(123)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, target_modules=["lin1", "lin2"]))
+    after_peft = torch.rand(3)
+    torch.manual_seed(123)
+    ours = pefttriton.inject(copy.deepcopy(base), pefttriton.LoRAConfig(r=r, target_modules=["lin1", "lin2"]))
+    assert torch.equal(torch.rand(3), after_peft)  # the global generator is left where PEFT leaves it
+    for name in ("lin1", "lin2"):
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        layer = ours.get_submodule(name)
+        assert layer.lora_A.dtype == dtype
+        assert torch.equal(layer.lora_A.detach(), peft_layer.lora_A["default"].weight.detach())
+        assert torch.equal(layer.lora_B.detach(), torch.zeros(layer.out_features, r, dtype=dtype))
+
+
+def test_initialisation_is_peft_default(gen):
+    """A: uniform on [-1/sqrt(in), 1/sqrt(in)] (PEFT's init_lora_weights=True), B = 0."""
+    r = 6
     layer = FusedLoRALinear(nn.Linear(IN, HID), r, alpha=8.0)
-    torch.manual_seed(123)
-    nn.Linear(IN, HID)  # the base layer consumed the generator first
-    expected = torch.empty(r, IN)
-    nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
-    assert torch.equal(layer.lora_A.detach(), expected)
     assert torch.equal(layer.lora_B.detach(), torch.zeros(HID, r))
     # the distribution PEFT documents: uniform on [-1/sqrt(in), 1/sqrt(in)]
     bound = 1.0 / math.sqrt(IN)

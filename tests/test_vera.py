@@ -334,3 +334,45 @@ def test_extra_repr():
     assert "in_features=70" in text and "out_features=45" in text and "r=8" in text
     assert "r=8" in repr(layer)
     assert "max_in_features=70" in repr(layer.projections) and f"seed={SEED}" in repr(layer.projections)
+
+
+# ------------------------------------------------------------------ shared projections, bad arguments
+
+
+def test_half_on_one_layer_leaves_the_others_working(backend, gen):
+    """``.half()`` on one layer converts the projections every layer shares (as in PEFT); the other
+    (fp32) layers keep working, each casting its slices to its own dtype (once: an error about
+    ``A``, a name the user never saw)."""
+    import pefttriton
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8))
+    pefttriton.inject(model, pefttriton.VeRAConfig(r=4, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for layer in (model[0], model[1]):
+            layer.lambda_b.copy_(torch.randn(layer.out_features, generator=gen))
+    x = torch.randn(3, 10, generator=gen)
+    before = model[1](x)
+    model[0].half()
+    assert model[1].projections.vera_A.dtype == torch.float16  # shared: converted for both
+    after = model[1](x)
+    assert after.dtype == torch.float32
+    assert rel_err(after, before) < 2e-3  # only the fp16 rounding of the projections changed it
+    assert model[0](torch.randn(3, 12, generator=gen).half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, True, None])
+def test_projection_seed_must_be_int(seed):
+    with pytest.raises(TypeError, match="seed"):
+        VeRAProjections(4, 8, 8, seed=seed)
+
+
+@pytest.mark.parametrize("d_initial", ["a", float("nan"), None])
+def test_d_initial_must_be_finite_float(d_initial):
+    with pytest.raises(ValueError, match="d_initial"):
+        FusedVeRALinear(nn.Linear(8, 6), 4, d_initial=d_initial)
+
+
+def test_d_initial_is_kept():
+    layer = FusedVeRALinear(nn.Linear(8, 6), 4, d_initial=0.25)
+    assert layer.d_initial == 0.25 and torch.equal(layer.lambda_d.detach(), torch.full((4,), 0.25))
+    assert "d_initial=0.25" in repr(layer)

@@ -34,23 +34,26 @@ GEMMs, so a 16-bit layer sees ``M`` to 16-bit precision, as it would see a merge
 ``grad_M`` is accumulated in fp32.
 """
 
-import math
 
 import torch
 from torch import Tensor
 
-from pefttriton.backend import resolve_backend
+from pefttriton.backend import resolve_path
 from pefttriton.kernels import lorma_pi as kernels
 from pefttriton.kernels.lowrank_linear import acc_dtype, linear_lowrank
-from pefttriton.ops.validation import FLOAT_DTYPES, check_x_and_weight
+from pefttriton.ops.validation import (
+    FLOAT_DTYPES,
+    autocast_cast,
+    autocast_dtype,
+    check_scale,
+    check_tensor,
+    check_x_and_weight,
+    flatten_tokens,
+    no_autocast,
+)
 
 ORDERS = ("auto", "tokens", "weight")
 _GRAD_NAMES = ("x", "weight", "bias", "A", "B")
-
-
-def _use_triton(t: Tensor) -> bool:
-    # The engine's rule: float64 on a GPU goes to the torch backend (no fp64 configs are reported).
-    return resolve_backend(t.device) == "triton" and not (t.is_cuda and t.dtype == torch.float64)
 
 
 # ------------------------------------------------------------------------------ cost model
@@ -117,30 +120,38 @@ def _triton_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: 
     return linear_lowrank(a, b_t, bias, out_dtype=out_dtype or b_t.dtype)
 
 
-def _impl(t: Tensor):
-    """(shift product, its gradients, GEMM) of the backend that runs on ``t``."""
-    if _use_triton(t):
+def _impl(path: str, t: Tensor):
+    """(shift product, its gradients, GEMM) of ``path`` (resolved for ``t`` when empty; both
+    Triton GEMM modes run the Triton kernels here)."""
+    if (path or resolve_path(t.device, t.dtype)) != "torch":
         return kernels.shift_product, kernels.shift_product_grads, _triton_gemm
     return _torch_shift_product, _torch_shift_grads, _torch_gemm
+
+
+def _eager_path(t: Tensor) -> str:
+    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.backend).
+    return "" if torch.compiler.is_compiling() else resolve_path(t.device, t.dtype)
 
 
 # ------------------------------------------------------------------------- shift product op
 
 
 @torch.library.custom_op("pefttriton::lorma_shift_product", mutates_args=())
-def _shift_product_op(B: Tensor, A: Tensor, scale: float) -> Tensor:
-    return _impl(B)[0](B, A, scale)
+def _shift_product_op(B: Tensor, A: Tensor, scale: float, path: str) -> Tensor:
+    with no_autocast(B):
+        return _impl(path, B)[0](B, A, scale)
 
 
 @_shift_product_op.register_fake
-def _(B, A, scale):
+def _(B, A, scale, path):
     return B.new_empty((B.shape[0], B.shape[0]), dtype=acc_dtype(B.dtype))
 
 
 @torch.library.custom_op("pefttriton::lorma_shift_product_bwd", mutates_args=())
-def _shift_product_bwd(G: Tensor, B: Tensor, A: Tensor, scale: float, needs: list[bool]) -> list[Tensor]:
+def _shift_product_bwd(G: Tensor, B: Tensor, A: Tensor, scale: float, needs: list[bool], path: str) -> list[Tensor]:
     need_B, need_A = needs
-    grad_B, grad_A = _impl(B)[1](G, B, A, scale, need_B, need_A)
+    with no_autocast(B):
+        grad_B, grad_A = _impl(path, B)[1](G, B, A, scale, need_B, need_A)
     return [
         grad_B.to(B.dtype) if need_B else G.new_empty(0),
         grad_A.to(A.dtype) if need_A else G.new_empty(0),
@@ -148,21 +159,21 @@ def _shift_product_bwd(G: Tensor, B: Tensor, A: Tensor, scale: float, needs: lis
 
 
 @_shift_product_bwd.register_fake
-def _(G, B, A, scale, needs):
+def _(G, B, A, scale, needs, path):
     return [B.new_empty(B.shape) if needs[0] else G.new_empty(0), A.new_empty(A.shape) if needs[1] else G.new_empty(0)]
 
 
 def _shift_setup(ctx, inputs, output):
-    B, A, scale = inputs
+    B, A, scale, path = inputs
     ctx.save_for_backward(B, A)
-    ctx.scale = scale
+    ctx.scale, ctx.path = scale, path
     ctx.needs = list(ctx.needs_input_grad[:2])
 
 
 def _shift_backward(ctx, G):
     B, A = ctx.saved_tensors
-    grad_B, grad_A = _shift_product_bwd(G.contiguous(), B, A, ctx.scale, ctx.needs)
-    return (grad_B if ctx.needs[0] else None, grad_A if ctx.needs[1] else None, None)
+    grad_B, grad_A = _shift_product_bwd(G.contiguous(), B, A, ctx.scale, ctx.needs, ctx.path)
+    return (grad_B if ctx.needs[0] else None, grad_A if ctx.needs[1] else None, None, None)
 
 
 _shift_product_op.register_autograd(_shift_backward, setup_context=_shift_setup)
@@ -173,20 +184,21 @@ _shift_product_op.register_autograd(_shift_backward, setup_context=_shift_setup)
 
 @torch.library.custom_op("pefttriton::lorma_pi_linear_fwd", mutates_args=())
 def _pi_linear_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, order: str
+    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, order: str, path: str
 ) -> tuple[Tensor, Tensor]:
     """Returns ``y`` (N, m) and what backward may need: ``z = x W0^T`` (tokens) or ``W' = M W0`` (weight)."""
-    shift, _, gemm = _impl(x)
-    M = shift(B, A, scale).to(x.dtype)
-    if order == "tokens":
-        z = gemm(x, weight)
-        return gemm(z, M, bias), z
-    w_eff = gemm(M, weight.T)  # M @ W0
-    return gemm(x, w_eff, bias), w_eff
+    shift, _, gemm = _impl(path, x)
+    with no_autocast(x):
+        M = shift(B, A, scale).to(x.dtype)
+        if order == "tokens":
+            z = gemm(x, weight)
+            return gemm(z, M, bias), z
+        w_eff = gemm(M, weight.T)  # M @ W0
+        return gemm(x, w_eff, bias), w_eff
 
 
 @_pi_linear_fwd.register_fake
-def _(x, weight, bias, A, B, scale, order):
+def _(x, weight, bias, A, B, scale, order, path):
     saved = x.new_empty((x.shape[0], weight.shape[0]) if order == "tokens" else tuple(weight.shape))
     return x.new_empty((x.shape[0], weight.shape[0])), saved
 
@@ -203,10 +215,16 @@ def _pi_linear_bwd(
     scale: float,
     order: str,
     needs: list[bool],
+    path: str,
 ) -> list[Tensor]:
     """Gradients for (x, weight, bias, A, B); an empty tensor where ``needs`` is False."""
+    with no_autocast(g):
+        return _pi_backward_impl(g, x, saved, weight, bias, A, B, scale, order, needs, _impl(path, g))
+
+
+def _pi_backward_impl(g, x, saved, weight, bias, A, B, scale, order, needs, impl) -> list[Tensor]:
     need_x, need_weight, need_bias, need_A, need_B = needs
-    shift, shift_grads, gemm = _impl(g)
+    shift, shift_grads, gemm = impl
     acc = acc_dtype(B.dtype)
     grads = dict.fromkeys(_GRAD_NAMES)
     grad_M = None
@@ -242,14 +260,14 @@ def _pi_linear_bwd(
 
 
 @_pi_linear_bwd.register_fake
-def _(g, x, saved, weight, bias, A, B, scale, order, needs):
+def _(g, x, saved, weight, bias, A, B, scale, order, needs, path):
     shapes = [(g.shape[0], weight.shape[1]), weight.shape, (weight.shape[0],), A.shape, B.shape]
     likes = [g, weight, bias if bias is not None else weight, A, B]
     return [like.new_empty(shape) if need else g.new_empty(0) for shape, like, need in zip(shapes, likes, needs)]
 
 
 def _pi_setup(ctx, inputs, output):
-    x, weight, bias, A, B, scale, order = inputs
+    x, weight, bias, A, B, scale, order, path = inputs
     needs = list(ctx.needs_input_grad[:5])
     need_x, need_weight, _, need_A, need_B = needs
     need_AB = need_A or need_B
@@ -258,15 +276,15 @@ def _pi_setup(ctx, inputs, output):
     keep_x = need_weight or (order == "weight" and need_AB)
     keep_saved = need_AB if order == "tokens" else need_x
     ctx.save_for_backward(x if keep_x else None, output[1] if keep_saved else None, weight, bias, A, B)
-    ctx.scale, ctx.order, ctx.needs = scale, order, needs
+    ctx.scale, ctx.order, ctx.needs, ctx.path = scale, order, needs, path
 
 
 def _pi_backward(ctx, grad_y, grad_saved):
     x, saved, weight, bias, A, B = ctx.saved_tensors
     x = x if x is not None else grad_y.new_empty(0)
     saved = saved if saved is not None else grad_y.new_empty(0)
-    grads = _pi_linear_bwd(grad_y.contiguous(), x, saved, weight, bias, A, B, ctx.scale, ctx.order, ctx.needs)
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)], None, None)
+    grads = _pi_linear_bwd(grad_y.contiguous(), x, saved, weight, bias, A, B, ctx.scale, ctx.order, ctx.needs, ctx.path)
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)], None, None, None)
 
 
 _pi_linear_fwd.register_autograd(_pi_backward, setup_context=_pi_setup)
@@ -275,34 +293,14 @@ _pi_linear_fwd.register_autograd(_pi_backward, setup_context=_pi_setup)
 # ------------------------------------------------------------------------------ public API
 
 
-def _check(name: str, t, shape: tuple, device: torch.device, dtypes: tuple, what: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} {what}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = " or ".join(dict.fromkeys(str(dt) for dt in dtypes))
-        raise TypeError(f"{name} must have dtype {names}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put all inputs on one device")
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return float(scale)
-
-
-def _check_factors(B, A, device: torch.device, dtypes: tuple) -> tuple[int, int]:
+def _check_factors(B, A, like: Tensor, dtypes: tuple) -> tuple[int, int]:
     if not isinstance(B, Tensor):
         raise TypeError(f"B must be a torch.Tensor, got {type(B).__name__}")
     if B.dim() != 2 or B.shape[1] < 1:
         raise ValueError(f"B must be a 2-D (out_features, r) tensor with r >= 1, got shape {tuple(B.shape)}")
     m, r = B.shape
-    _check("B", B, (m, r), device, dtypes, "(out_features, r)")
-    _check("A", A, (r, m), device, (B.dtype,), "(r, out_features), matching B")
+    check_tensor("B", B, (m, r), like, dtypes, "(out_features, r)")
+    check_tensor("A", A, (r, m), like, (B.dtype,), "(r, out_features), matching B")
     return m, r
 
 
@@ -317,9 +315,8 @@ def shift_product(B: Tensor, A: Tensor, scale: float = 1.0) -> Tensor:
         (m, m) in fp32 (fp64 for fp64 factors), differentiable in ``B`` and ``A``. On the Triton
         backend it is formed straight from the factors in one launch (no ``B A`` intermediate).
     """
-    device = B.device if isinstance(B, Tensor) else None
-    _check_factors(B, A, device, FLOAT_DTYPES)
-    return _shift_product_op(B, A, _check_scale(scale))
+    _check_factors(B, A, B, FLOAT_DTYPES)
+    return _shift_product_op(B, A, check_scale(scale), _eager_path(B))
 
 
 def lorma_pi_linear(
@@ -345,25 +342,30 @@ def lorma_pi_linear(
     Returns:
         (..., m) tensor of ``x.dtype``, differentiable in every tensor argument.
     """
+    if isinstance(x, Tensor):
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # like F.linear; the factors may stay float32, as without autocast
+            x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
+            if isinstance(B, Tensor) and B.dtype != torch.float32:
+                A, B = autocast_cast(A, dtype), autocast_cast(B, dtype)
     m, n = check_x_and_weight(x, weight)
-    _check("weight", weight, (m, n), x.device, (x.dtype,), "(out_features, in_features)")
+    check_tensor("weight", weight, (m, n), x, (x.dtype,), "(out_features, in_features)")
     if bias is not None:
-        _check("bias", bias, (m,), x.device, (x.dtype,), "(out_features,)")
+        check_tensor("bias", bias, (m,), x, (x.dtype,), "(out_features,)")
     if not isinstance(B, Tensor):
         raise TypeError(f"B must be a torch.Tensor, got {type(B).__name__}")
     if B.dim() != 2 or B.shape[0] != m or B.shape[1] < 1:
         raise ValueError(f"B must have shape ({m}, r) with r >= 1 (out_features of weight), got {tuple(B.shape)}")
-    _check_factors(B, A, x.device, (x.dtype, torch.float32))
-    scale = _check_scale(scale)
+    _check_factors(B, A, x, (x.dtype, torch.float32))
+    scale = check_scale(scale)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
+    x2 = flatten_tokens(x, n)
     if order == "auto":
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)
         )
         order = pi_order(x2.shape[0], m, n, training, r=B.shape[1])
-    y, _ = _pi_linear_fwd(x2, weight, bias, A, B, scale, order)
-    return y.reshape(*lead, m)
+    y, _ = _pi_linear_fwd(x2, weight, bias, A, B, scale, order, _eager_path(x))
+    return y.reshape(*x.shape[:-1], m)

@@ -9,16 +9,44 @@ tensor. The op is registered with ``torch.library.custom_op`` (forward and backw
 implementation for tracing, autograd), so ``torch.compile`` sees it as one node.
 """
 
-import math
-
 import torch
 from torch import Tensor
 
-from pefttriton.backend import get_gemm_mode, resolve_backend
+from pefttriton.backend import resolve_path
 from pefttriton.kernels import lowrank_linear as kernels
-from pefttriton.ops.validation import check_x_and_weight
+from pefttriton.ops.validation import (
+    autocast_cast,
+    autocast_dtype,
+    check_scale,
+    check_tensor,
+    check_x_and_weight,
+    flatten_tokens,
+    no_autocast,
+)
 
 _GRAD_NAMES = ("x", "weight", "bias", "A", "B", "d", "b")
+
+
+def split_scale(scale: float) -> tuple[float, float]:
+    """``scale = scale_h * scale_B`` with ``|scale_h| <= 1`` and ``scale_B >= 1``.
+
+    The low-rank path rounds two operands to the input dtype for its matrix products: ``h``
+    (tokens, rank) and the up-projection ``B`` (out, rank). Scaling ``h`` by ``scale_h`` and ``B``
+    by ``scale_B`` keeps ``|h| <= |d * (x A^T)|``, which PEFT's order of operations forms too, so
+    a large ``scale`` cannot overflow 16 bits where PEFT does not (only an entry of
+    ``scale * b * B`` above the 16-bit range could); a small one shrinks ``h`` as PEFT's final
+    multiply would.
+    """
+    if abs(scale) <= 1.0:
+        return scale, 1.0
+    return (1.0 if scale > 0 else -1.0), abs(scale)
+
+
+def _scaled_B(B: Tensor, scale_B: float) -> Tensor:
+    """``scale_B * B`` rounded once to ``B``'s dtype (B itself when ``scale_B == 1``)."""
+    if scale_B == 1.0:
+        return B
+    return (B.to(kernels.acc_dtype(B.dtype)) * scale_B).to(B.dtype)
 
 
 def _rank_scale(d, scale, r, like):
@@ -32,12 +60,17 @@ def _rank_scale(d, scale, r, like):
 
 
 def _torch_forward(x, weight, bias, A, B, d, b, scale):
-    xa = x @ A.T
-    h = xa * (d * scale) if d is not None else xa * scale
-    up = B * b[:, None].to(B.dtype) if b is not None else B  # b * (h B^T) == h (b * B)^T
+    dtype = x.dtype
+    acc = kernels.acc_dtype(dtype)
+    scale_h, scale_B = split_scale(scale)
+    xa = (x @ A.T).to(acc)
+    h = (xa * _rank_scale(d, scale_h, A.shape[0], xa)).to(dtype)
+    up = B.to(acc) * scale_B
+    if b is not None:
+        up = up * b.to(acc)[:, None]  # b * (h B^T) == h (b * B)^T
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    y.addmm_(h.to(y.dtype), up.T.to(y.dtype))
-    return y, xa.to(kernels.acc_dtype(x.dtype))
+    y.addmm_(h, up.to(dtype).T)
+    return y, xa
 
 
 def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs):
@@ -70,21 +103,28 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs):
 # ---------------------------------------------------------------------------- triton backend
 
 
-def _triton_forward(x, weight, bias, A, B, d, b, scale):
+def _triton_forward(x, weight, bias, A, B, d, b, scale, split):
+    scale_h, scale_B = split_scale(scale)
+    B_s = _scaled_B(B, scale_B)
     xa = kernels.linear_lowrank(x, A, out_dtype=kernels.acc_dtype(x.dtype))
-    if get_gemm_mode() == "split":
+    if split:
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        return kernels.add_lowrank_(y, xa, B, d, b, scale), xa
-    return kernels.linear_lowrank(x, weight, bias, xa, B, d, b, scale), xa
+        return kernels.add_lowrank_(y, xa, B_s, d, b, scale_h), xa
+    return kernels.linear_lowrank(x, weight, bias, xa, B_s, d, b, scale_h), xa
 
 
-def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs):
+def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
     need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
     g = g.contiguous()
-    gh, grad_d, grad_b = kernels.lowrank_grads(g, xa, B, d, b, scale, need_grad_d=need_d, need_grad_b=need_b)
+    # The kernel's two 16-bit products, (b * g) B and h B^T for grad_b, see B scaled by scale_B
+    # and h = d * (x A^T) by scale_h (split_scale): their results are the full-scale ones.
+    scale_h, scale_B = split_scale(scale)
+    gh, grad_d, grad_b = kernels.lowrank_grads(
+        g, xa, _scaled_B(B, scale_B), d, b, scale_h, need_grad_d=need_d, need_grad_b=need_b
+    )
     grads = dict.fromkeys(_GRAD_NAMES)
     grads["d"], grads["b"] = grad_d, grad_b
-    if need_x and get_gemm_mode() == "split":
+    if need_x and split:
         grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
     elif need_x:
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
@@ -104,12 +144,6 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs):
 # ------------------------------------------------------------------------------ custom ops
 
 
-def _use_triton(t: Tensor) -> bool:
-    # float64 on a GPU goes to the torch backend: the kernel report checks no fp64 configs.
-    # Under the interpreter float64 runs in the kernels, for tight tests against references.
-    return resolve_backend(t.device) == "triton" and not (t.is_cuda and t.dtype == torch.float64)
-
-
 @torch.library.custom_op("pefttriton::lowrank_linear_fwd", mutates_args=())
 def _lowrank_linear_fwd(
     x: Tensor,
@@ -120,15 +154,22 @@ def _lowrank_linear_fwd(
     d: Tensor | None,
     b: Tensor | None,
     scale: float,
+    path: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``y`` (N, m) and ``x A^T`` (N, r) in the accumulation dtype, which backward needs."""
-    if _use_triton(x):
-        return _triton_forward(x, weight, bias, A, B, d, b, scale)
-    return _torch_forward(x, weight, bias, A, B, d, b, scale)
+    """Returns ``y`` (N, m) and ``x A^T`` (N, r) in the accumulation dtype, which backward needs.
+
+    ``path`` is ``"torch"``, ``"fused"`` or ``"split"`` (:func:`pefttriton.backend.resolve_path`),
+    or ``""`` to resolve it now (under ``torch.compile``).
+    """
+    path = path or resolve_path(x.device, x.dtype)
+    with no_autocast(x):
+        if path == "torch":
+            return _torch_forward(x, weight, bias, A, B, d, b, scale)
+        return _triton_forward(x, weight, bias, A, B, d, b, scale, split=path == "split")
 
 
 @_lowrank_linear_fwd.register_fake
-def _(x, weight, bias, A, B, d, b, scale):
+def _(x, weight, bias, A, B, d, b, scale, path):
     xa = x.new_empty((x.shape[0], A.shape[0]), dtype=kernels.acc_dtype(x.dtype))
     return x.new_empty((x.shape[0], weight.shape[0])), xa
 
@@ -146,10 +187,15 @@ def _lowrank_linear_bwd(
     b: Tensor | None,
     scale: float,
     needs: list[bool],
+    path: str,
 ) -> list[Tensor]:
     """Gradients for (x, weight, bias, A, B, d, b); an empty tensor where ``needs`` is False."""
-    backward = _triton_backward if _use_triton(grad_y) else _torch_backward
-    grads = backward(grad_y, x, xa, weight, A, B, d, b, scale, needs)
+    path = path or resolve_path(grad_y.device, grad_y.dtype)
+    with no_autocast(grad_y):
+        if path == "torch":
+            grads = _torch_backward(grad_y, x, xa, weight, A, B, d, b, scale, needs)
+        else:
+            grads = _triton_backward(grad_y, x, xa, weight, A, B, d, b, scale, needs, split=path == "split")
     inputs = (x, weight, bias, A, B, d, b)
     return [
         grads[name].to(inp.dtype) if need else grad_y.new_empty(0)
@@ -158,7 +204,7 @@ def _lowrank_linear_bwd(
 
 
 @_lowrank_linear_bwd.register_fake
-def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs):
+def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
     grads = [grad_y.new_empty((grad_y.shape[0], weight.shape[1]))]
     # An absent (None) input never needs a gradient, so its slot is always the empty tensor.
     grads += [t.new_empty(t.shape) if t is not None else None for t in (weight, bias, A, B, d, b)]
@@ -166,40 +212,26 @@ def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, d, b, scale = inputs
+    x, weight, bias, A, B, d, b, scale, path = inputs
     needs = list(ctx.needs_input_grad[:7])
     # x is kept only for weight gradients of A (LoRA) or W; VeRA's backward needs x A^T alone.
     keep_x = needs[1] or needs[3]
     ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, A, B, d, b)
-    ctx.scale = scale
-    ctx.needs = needs
-    ctx.x_meta = (x.shape, x.dtype)
+    ctx.scale, ctx.needs, ctx.path = scale, needs, path
 
 
 def _backward(ctx, grad_y, grad_xa):
     x, xa, weight, bias, A, B, d, b = ctx.saved_tensors
     if x is None:
         x = grad_y.new_empty(0)
-    grads = _lowrank_linear_bwd(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs)
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)], None)
+    grads = _lowrank_linear_bwd(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path)
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)], None, None)
 
 
 _lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------ public API
-
-
-def _check_tensor(name: str, t, shape: tuple, like: Tensor, dtypes: tuple) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = " or ".join(dict.fromkeys(str(dt) for dt in dtypes))
-        raise TypeError(f"{name} must have dtype {names} (like x), got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}; put all inputs on one device")
 
 
 def lowrank_linear(
@@ -225,10 +257,23 @@ def lowrank_linear(
             or float32.
         scale: scalar multiplier of the low-rank path (LoRA's ``alpha / r``).
 
+    Every tensor may have any strides. Under ``torch.autocast`` the op behaves like ``F.linear``:
+    ``x``, ``weight``, ``bias``, ``A`` and ``B`` are cast to the autocast dtype (float64 ones are
+    left alone), ``d`` and ``b`` to float32, and the result has the autocast dtype.
+
+    Accumulation is in float32 (float64 for float64 inputs). In 16 bits the low-rank path rounds
+    ``h = d * (x A^T)`` and ``B`` before their product, with ``scale`` split between them
+    (:func:`split_scale`), so it overflows only where PEFT's order of operations would.
+
     Returns:
         (..., m) tensor of ``x.dtype``. Differentiable in every tensor argument; backward saves
         ``x A^T`` (N, r) and, only when ``A`` or ``weight`` needs a gradient, ``x``.
     """
+    if isinstance(x, Tensor):
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, weight, bias, A, B = (autocast_cast(t, dtype) for t in (x, weight, bias, A, B))
+            d, b = autocast_cast(d, torch.float32), autocast_cast(b, torch.float32)
     m, n = check_x_and_weight(x, weight)
     if not isinstance(A, Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
@@ -239,20 +284,17 @@ def lowrank_linear(
         raise ValueError(f"rank r must be >= 1, got A of shape {tuple(A.shape)}")
     same = (x.dtype,)
     with_fp32 = (x.dtype, torch.float32)
-    _check_tensor("weight", weight, (m, n), x, same)
-    _check_tensor("A", A, (r, n), x, same)
-    _check_tensor("B", B, (m, r), x, same)
+    check_tensor("weight", weight, (m, n), x, same)
+    check_tensor("A", A, (r, n), x, same)
+    check_tensor("B", B, (m, r), x, same)
     if bias is not None:
-        _check_tensor("bias", bias, (m,), x, same)
+        check_tensor("bias", bias, (m,), x, same)
     if d is not None:
-        _check_tensor("d", d, (r,), x, with_fp32)
+        check_tensor("d", d, (r,), x, with_fp32)
     if b is not None:
-        _check_tensor("b", b, (m,), x, with_fp32)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-
-    lead = x.shape[:-1]
-    y, _ = _lowrank_linear_fwd(x.reshape(-1, n), weight, bias, A, B, d, b, float(scale))
-    return y.reshape(*lead, m)
+        check_tensor("b", b, (m,), x, with_fp32)
+    scale = check_scale(scale)
+    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.backend).
+    path = "" if torch.compiler.is_compiling() else resolve_path(x.device, x.dtype)
+    y, _ = _lowrank_linear_fwd(flatten_tokens(x, n), weight, bias, A, B, d, b, scale, path)
+    return y.reshape(*x.shape[:-1], m)

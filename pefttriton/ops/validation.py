@@ -1,4 +1,8 @@
-"""Input checks shared by the fused ops: errors name the argument and the expected shape or dtype."""
+"""What the fused ops share before dispatch: input checks whose errors name the argument and the
+expected shape or dtype, autocast, the scale, and flattening the token dimensions."""
+
+import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +26,62 @@ def check_x_and_weight(x, weight) -> tuple[int, int]:
     if x.shape[-1] != n:
         raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
     return m, n
+
+
+def check_tensor(name: str, t, shape: tuple, like: Tensor, dtypes: tuple, what: str = "") -> None:
+    """``t`` is a tensor of ``shape``, one of ``dtypes``, on ``like``'s device; else a clear error."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}{' ' + what if what else ''}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = " or ".join(dict.fromkeys(str(dt) for dt in dtypes))
+        raise TypeError(f"{name} must have dtype {names} (like x), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {like.device}; put all inputs on one device")
+
+
+def check_scale(scale) -> float:
+    """A finite real ``scale``. Under ``torch.compile(dynamic=True)`` a module's float attribute
+    arrives symbolic; its finiteness was checked when it was set, so it is taken as it is."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``F.linear`` would compute in for ``x`` under ``torch.autocast`` now, else None.
+
+    None when autocast is off for ``x``'s device or ``x`` is float64 (autocast leaves float64
+    alone, as it does for ``F.linear``).
+    """
+    device_type = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(t, dtype: torch.dtype):
+    """``t`` cast to ``dtype`` when autocast would cast it (a floating tensor other than float64)."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+        return t.to(dtype)
+    return t
+
+
+def no_autocast(t: Tensor):
+    """Inside an op's implementation: autocast off, so fp32 accumulators stay fp32 (a backward
+    called under ``torch.autocast`` would otherwise see its fp32 matmuls cast to 16 bits)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def flatten_tokens(x: Tensor, n: int) -> Tensor:
+    """``x`` (..., n) as (N, n); also for ``n == 0``, where ``reshape(-1, 0)`` is ambiguous."""
+    return x.reshape(-1, n) if n > 0 else x.reshape(x.shape[:-1].numel(), 0)
 
 
 def check_base_and_rank(base_layer, r) -> None:
