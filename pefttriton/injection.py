@@ -329,9 +329,10 @@ def inject(model: nn.Module, config: _AdapterConfig) -> nn.Module:
             dtype=dtype,
             device=device,
         )
-    for name, base, conv in bases:
+    for (name, base, conv), (_, original) in zip(bases, targets):
         layer = build_layer(config.adapter_type, base, config.r, config.layer_kwargs(), projections)
         layer.fan_in_fan_out = conv
+        layer.train(original.training)  # a model in eval mode gets layers in eval mode (no dropout)
         replace_module(model, name, layer)
     if save_names:
         add_modules_to_save(model, save_names)

@@ -10,18 +10,35 @@
   (the projections are redrawn on load, bit-identically, by the same CPU generator). A pair that
   cannot be redrawn from its seed (loaded from a PEFT checkpoint made elsewhere, say) is stored;
 * in the safetensors metadata (key ``"pefttriton"``, JSON): per fused layer its adapter type, rank,
-  constructor arguments, merged flag and whether it came from GPT-2's ``Conv1D``, and which
-  saved tensors train.
+  every constructor argument (``"kwargs"``: VeRA ``d_initial``; LoRA ``alpha``, ``dropout``;
+  Deep LoRA ``eps``; LoRMA ``alpha``, ``variant``), the settings made after construction (LoRA
+  ``"scale"``, which rsLoRA sets to ``alpha / sqrt(r)``), its merged flag and whether it came from
+  GPT-2's ``Conv1D``; and which saved tensors train. ``_LAYER_FIELDS`` below is the one table of
+  these settings.
 
 Frozen base weights are not saved: :func:`load_adapter` applies the file to a model built the same
 way (same architecture, same base weights), injecting the fused layers itself where the model has
-plain ``nn.Linear`` / ``Conv1D`` layers, or reusing fused layers already there.
+plain ``nn.Linear`` / ``Conv1D`` layers, or reusing fused layers already there. Every setting the
+file holds is restored either way. Loading is all or nothing: the whole file is checked against
+the model first (on meta-device copies of the layers it would build) and the model is changed only
+when everything fits.
+
+Format version: still 1. The only field older files lack is VeRA's ``d_initial`` (older writers
+saved every other setting, but the loader ignored them on reused layers); every setting is
+optional when reading, and one the file lacks keeps today's behaviour (the constructor's default
+for an injected layer, the layer's own value for a reused one). Older pefttriton versions read the
+newer files too (they pass ``kwargs`` to the constructor), so a version bump would only lock them
+out for no reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +47,7 @@ from pefttriton.injection import (
     adapter_parameters,
     adapter_type_of,
     build_layer,
+    fused_layer_classes,
     fused_layers,
     is_conv1d,
     linear_from_conv1d,
@@ -39,17 +57,83 @@ from pefttriton.vera import VeRAProjections
 
 FORMAT_VERSION = 1
 _META_KEY = "pefttriton"
+_PROJECTIONS_PREFIX = "__projections__."
 
 
-def _layer_kwargs(adapter_type: str, layer: nn.Module) -> dict:
-    """Constructor keyword arguments that rebuild ``layer`` (values are overwritten by the file)."""
-    if adapter_type == "lora":
-        return {"alpha": layer.alpha, "dropout": layer.dropout_p}
-    if adapter_type == "deep_lora":
-        return {"eps": layer.eps}
-    if adapter_type == "lorma":
-        return {"alpha": layer.alpha, "variant": layer.variant}
-    return {}
+# ------------------------------------------------------------------------------ layer settings
+
+
+@dataclass(frozen=True)
+class _LayerField:
+    """One setting of a fused layer that the file keeps.
+
+    Attributes:
+        read: the value to save, from a layer (JSON-serialisable).
+        restore: puts a value (already validated, see below) on an existing layer; None when the
+            setting is part of the parameterisation (the saved tensors mean something else under
+            another value), so a reused layer must already have the file's value.
+        kwarg: a constructor keyword argument, saved under ``"kwargs"`` and validated by the
+            constructor; otherwise a setting made after construction, saved beside ``"kwargs"``,
+            whose ``restore`` validates the value itself.
+    """
+
+    read: Callable[[nn.Module], Any]
+    restore: Callable[[nn.Module, Any], None] | None
+    kwarg: bool = True
+
+
+def _set_attr(attr: str) -> Callable[[nn.Module, Any], None]:
+    def restore(layer: nn.Module, value: Any) -> None:
+        setattr(layer, attr, value)
+
+    return restore
+
+
+def _restore_alpha(layer: nn.Module, alpha: float) -> None:
+    # LoRA and LoRMA: the constructor derives scale = alpha / r.
+    layer.alpha = alpha
+    layer.scale = alpha / layer.r
+
+
+def _restore_lora_dropout(layer: nn.Module, p: float) -> None:
+    # As the constructor does: nn.Identity for p == 0 (the fused path then always runs). The new
+    # module follows the layer's train/eval mode.
+    layer.dropout_p = p
+    layer.lora_dropout = (nn.Dropout(p=p) if p > 0.0 else nn.Identity()).train(layer.training)
+
+
+def _restore_lora_scale(layer: nn.Module, scale: Any) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    layer.scale = float(scale)
+
+
+# adapter_type -> {field name: _LayerField}, in restore order (LoRA's alpha sets scale = alpha / r,
+# then a saved scale overrides it). A later refactor moves this knowledge into the layer classes.
+_LAYER_FIELDS: dict[str, dict[str, _LayerField]] = {
+    "vera": {"d_initial": _LayerField(lambda layer: layer.d_initial, _set_attr("d_initial"))},
+    "lora": {
+        "alpha": _LayerField(lambda layer: layer.alpha, _restore_alpha),
+        "dropout": _LayerField(lambda layer: layer.dropout_p, _restore_lora_dropout),
+        "scale": _LayerField(lambda layer: layer.scale, _restore_lora_scale, kwarg=False),
+    },
+    "deep_lora": {"eps": _LayerField(lambda layer: layer.eps, _set_attr("eps"))},
+    "lorma": {
+        "alpha": _LayerField(lambda layer: layer.alpha, _restore_alpha),
+        "variant": _LayerField(lambda layer: layer.variant, None),
+    },
+}
+
+
+def _layer_settings(adapter_type: str, layer: nn.Module) -> tuple[dict, dict]:
+    """``(constructor kwargs, settings made after construction)`` of ``layer``, as saved."""
+    fields = _LAYER_FIELDS[adapter_type]
+    kwargs = {name: f.read(layer) for name, f in fields.items() if f.kwarg}
+    extras = {name: f.read(layer) for name, f in fields.items() if not f.kwarg}
+    return kwargs, extras
+
+
+# ------------------------------------------------------------------------------ save
 
 
 def _redrawn_equal(projections: VeRAProjections) -> bool:
@@ -84,15 +168,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     layer_meta = {}
     for name, layer in layers:
         kind = adapter_type_of(layer)
+        kwargs, extras = _layer_settings(kind, layer)
         entry = {
             "adapter_type": kind,
             "r": layer.r,
-            "kwargs": _layer_kwargs(kind, layer),
+            "kwargs": kwargs,
             "merged": bool(layer.merged),
             "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
+            **extras,
         }
-        if kind == "lora":
-            entry["scale"] = layer.scale
         if kind == "vera":
             proj = layer.projections
             if id(proj) not in groups:
@@ -104,8 +188,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
                 )
                 if stored:
                     i = groups[id(proj)]
-                    tensors[f"__projections__.{i}.vera_A"] = proj.vera_A.detach().contiguous().cpu()
-                    tensors[f"__projections__.{i}.vera_B"] = proj.vera_B.detach().contiguous().cpu()
+                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_A"] = proj.vera_A.detach().contiguous().cpu()
+                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_B"] = proj.vera_B.detach().contiguous().cpu()
             entry["projections"] = groups[id(proj)]
         layer_meta[name] = entry
     meta = {
@@ -133,75 +217,329 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply an adapter file written by :func:`save_adapter` to ``model``, in place; returns ``model``.
+# ------------------------------------------------------------------------------ load: checks
 
-    ``model`` is built like the saved one: either plain (fused layers are injected where the file
-    names them) or already holding fused layers of the same types and ranks (they are reused).
-    Every saved tensor is copied exactly into the parameter of that name, VeRA projections are
-    redrawn from their seed (or taken from the file), layers saved merged are merged again, and
-    ``requires_grad`` ends up True exactly for the parameters that trained when saved.
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_projection_specs(specs, tensors: dict[str, torch.Tensor]) -> None:
+    """Every projections entry is well formed and a stored pair is in the file with its shapes;
+    the file holds no other ``__projections__`` tensor."""
+    if not isinstance(specs, list):
+        raise ValueError(f"the adapter file's 'projections' must be a list, got {type(specs).__name__}")
+    expected_keys = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ValueError(f"projections entry {i} must be a dict, got {type(spec).__name__}")
+        for key, low in (("r", 1), ("max_in", 0), ("max_out", 0)):
+            if not _is_int(spec.get(key)) or spec[key] < low:
+                raise ValueError(f"projections entry {i}: {key} must be an int >= {low}, got {spec.get(key)!r}")
+        if not _is_int(spec.get("seed")):
+            raise ValueError(f"projections entry {i}: seed must be an int, got {spec.get('seed')!r}")
+        if not isinstance(spec.get("stored"), bool):
+            raise ValueError(f"projections entry {i}: stored must be a bool, got {spec.get('stored')!r}")
+        if spec["stored"]:
+            shapes = {"vera_A": (spec["r"], spec["max_in"]), "vera_B": (spec["max_out"], spec["r"])}
+            for which, shape in shapes.items():
+                key = f"{_PROJECTIONS_PREFIX}{i}.{which}"
+                expected_keys.add(key)
+                if key not in tensors:
+                    raise ValueError(f"projections entry {i} is stored but the file has no tensor {key!r}")
+                if tuple(tensors[key].shape) != shape:
+                    raise ValueError(
+                        f"{key}: expected shape {shape} (from projections entry {i}), got {tuple(tensors[key].shape)}"
+                    )
+    unknown = [key for key in tensors if key.startswith(_PROJECTIONS_PREFIX) and key not in expected_keys]
+    if unknown:
+        raise ValueError(f"the adapter file has projection tensors no stored projections entry names: {unknown[:8]}")
+
+
+def _check_layer_spec(name: str, spec, n_projections: int) -> tuple[str, int, dict, dict]:
+    """``(adapter_type, r, kwargs, extras)`` of one layer entry of the metadata, checked for form.
+
+    The values themselves are checked by building the layer on the meta device (see :func:`_plan`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    tensors, meta = read_adapter(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"layer {name!r}: the metadata entry must be a dict, got {type(spec).__name__}")
+    kind = spec.get("adapter_type")
+    available = fused_layer_classes()
+    if not isinstance(kind, str) or kind not in _LAYER_FIELDS or kind not in available:
+        raise ValueError(f"layer {name!r}: adapter type {kind!r} is not available; available: {sorted(available)}")
+    r = spec.get("r")
+    if not _is_int(r) or r < 1:
+        raise ValueError(f"layer {name!r}: r must be a positive int, got {r!r}")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"layer {name!r}: kwargs must be a dict, got {type(kwargs).__name__}")
+    fields = _LAYER_FIELDS[kind]
+    unknown = sorted(set(kwargs) - {f for f, field in fields.items() if field.kwarg})
+    if unknown:
+        raise ValueError(f"layer {name!r}: unknown {kind} constructor arguments {unknown} in the file")
+    extras = {f: spec[f] for f, field in fields.items() if not field.kwarg and f in spec}
+    for flag in ("merged", "fan_in_fan_out"):
+        if not isinstance(spec.get(flag, False), bool):
+            raise ValueError(f"layer {name!r}: {flag} must be a bool, got {spec[flag]!r}")
+    if kind == "vera":
+        index = spec.get("projections")
+        if not _is_int(index) or not 0 <= index < n_projections:
+            raise ValueError(
+                f"layer {name!r}: projections must index the file's {n_projections} projections entries, got {index!r}"
+            )
+    return kind, r, dict(kwargs), extras
+
+
+def _meta_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` on the meta device shaped like ``module`` (an ``nn.Linear`` or a ``Conv1D``),
+    as :func:`load_adapter` would wrap it: planning must not touch the real layer, because building
+    a fused layer freezes its base layer."""
+    weight = module.weight
+    in_features, out_features = weight.shape if is_conv1d(module) else reversed(weight.shape)
+    return nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta", dtype=weight.dtype)
+
+
+def _meta_projections(projections: VeRAProjections, dtype: torch.dtype) -> VeRAProjections:
+    """A meta-device stand-in for ``projections`` in ``dtype`` (same r, sizes and seed; nothing drawn)."""
+    twin = VeRAProjections(projections.r, 0, 0, seed=projections.seed, dtype=dtype, device="meta")
+    twin.vera_A = torch.empty(projections.vera_A.shape, dtype=dtype, device="meta")
+    twin.vera_B = torch.empty(projections.vera_B.shape, dtype=dtype, device="meta")
+    return twin
+
+
+@dataclass
+class _LayerPlan:
+    """What :func:`load_adapter` will do at one layer of the file."""
+
+    name: str
+    kind: str
+    r: int
+    kwargs: dict  # constructor arguments from the file (validated)
+    spec: dict
+    module: nn.Module  # what the model holds at ``name`` now
+    reuse: bool  # ``module`` is a fused layer of the file's type and rank
+    meta: nn.Module  # the layer the file describes, built on the meta device with the file's settings
+    given: list[str]  # the settings the file holds (others keep today's behaviour)
+    projections: VeRAProjections | None = None  # real shared projections (VeRA)
+
+
+def _check_unmergeable(name: str, layer: nn.Module) -> None:
+    """A reused layer that is merged is unmerged before loading; refuse now where that would fail
+    (a merged LoRMA pi/naive layer without its copy of ``W0``): ``base_weight()`` computes the
+    unmerged weight by the same steps as ``unmerge()`` without writing it."""
+    base_weight = getattr(layer, "base_weight", None)
+    if base_weight is None:
+        return  # additive layers unmerge by subtraction, which cannot fail
+    try:
+        with torch.no_grad():
+            base_weight()
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"layer {name!r} is merged and cannot be unmerged to load the file: {exc}") from exc
+
+
+def _plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> list[_LayerPlan]:
+    """Check the whole file against ``model`` and say what to do; changes nothing in ``model``.
+
+    Raises ValueError / TypeError naming the layer or tensor for: a malformed entry, a layer the
+    model does not have or of a type that cannot hold the adapter, a fused layer of another type,
+    rank or LoRMA variant, a setting the constructor refuses, inconsistent projections, a tensor
+    without a parameter of its name and shape (after injection), an adapter parameter the file
+    lacks, a merged layer saved with NaN/Inf.
+    """
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"the adapter file's 'layers' must be a dict, got {type(layers).__name__}")
+    projection_specs = meta.get("projections", [])
+    _check_projection_specs(projection_specs, tensors)
+    trainable = meta.get("trainable", [])
+    if not isinstance(trainable, list) or not all(isinstance(key, str) for key in trainable):
+        raise ValueError("the adapter file's 'trainable' must be a list of parameter names")
+    untrained = [key for key in trainable if key not in tensors]
+    if untrained:
+        raise ValueError(f"the adapter file lists as trainable parameters it holds no tensor for: {untrained[:8]}")
+    existing_fused = [name for name, _ in fused_layers(model)]
     shared: dict[int, VeRAProjections] = {}
-
-    def projections_for(index: int, like: torch.Tensor) -> VeRAProjections:
-        if index not in shared:
-            spec = meta["projections"][index]
-            proj = VeRAProjections(spec["r"], spec["max_in"], spec["max_out"], seed=spec["seed"], dtype=like.dtype, device=like.device)
-            if spec["stored"]:
-                with torch.no_grad():
-                    proj.vera_A.copy_(tensors[f"__projections__.{index}.vera_A"])
-                    proj.vera_B.copy_(tensors[f"__projections__.{index}.vera_B"])
-            shared[index] = proj
-        return shared[index]
-
-    to_merge = []
-    for name, spec in meta["layers"].items():
+    plans = []
+    for name, spec in layers.items():
+        kind, r, kwargs, extras = _check_layer_spec(name, spec, len(projection_specs))
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"the adapter file names layer {name!r}, which the model does not have") from exc
-        kind = spec["adapter_type"]
+        inside = [f for f in existing_fused if name.startswith(f + ".") or (f == "" and name)]
+        if inside:
+            raise ValueError(f"the adapter file names layer {name!r}, which lies inside the fused layer {inside[0]!r}")
         existing = adapter_type_of(module)
         if existing is not None:
-            if existing != kind or module.r != spec["r"]:
-                raise ValueError(f"layer {name!r} is a {existing} adapter of rank {module.r}; the file has {kind} of rank {spec['r']}")
+            if existing != kind or module.r != r:
+                raise ValueError(
+                    f"layer {name!r} is a {existing} adapter of rank {module.r}; the file has {kind} of rank {r}"
+                )
             if module.merged:
-                module.unmerge()
-            layer = module
-            if kind == "vera":
-                layer.projections = projections_for(spec["projections"], layer.base_layer.weight)
+                _check_unmergeable(name, module)
+            base = module.base_layer
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
+            if not name:
+                raise ValueError(
+                    "the adapter file adapts the model itself, a plain layer; it cannot be replaced in place"
+                )
+            base = module
         else:
-            if is_conv1d(module):
-                base = linear_from_conv1d(module)
-            elif isinstance(module, nn.Linear):
-                base = module
-            else:
-                raise TypeError(f"layer {name!r} is a {type(module).__name__}; expected nn.Linear, Conv1D or a fused layer")
-            proj = projections_for(spec["projections"], base.weight) if kind == "vera" else None
-            layer = build_layer(kind, base, spec["r"], spec["kwargs"], proj)
-            replace_module(model, name, layer)
-        layer.fan_in_fan_out = spec["fan_in_fan_out"]
-        if "scale" in spec:
-            layer.scale = spec["scale"]
-        if spec["merged"]:
+            raise TypeError(f"layer {name!r} is a {type(module).__name__}; expected nn.Linear, Conv1D or a fused layer")
+        projections = meta_projections = None
+        if kind == "vera":
+            index = spec["projections"]
+            weight = base.weight
+            if index not in shared:  # new tensors, not yet in the model: drawing them changes nothing
+                p = projection_specs[index]
+                proj = VeRAProjections(
+                    p["r"], p["max_in"], p["max_out"], seed=p["seed"], dtype=weight.dtype, device=weight.device
+                )
+                if p["stored"]:
+                    with torch.no_grad():
+                        proj.vera_A.copy_(tensors[f"{_PROJECTIONS_PREFIX}{index}.vera_A"])
+                        proj.vera_B.copy_(tensors[f"{_PROJECTIONS_PREFIX}{index}.vera_B"])
+                shared[index] = proj
+            projections = shared[index]
+            if projections.vera_A.device != weight.device:
+                raise ValueError(
+                    f"layer {name!r} is on {weight.device} but shares projections entry {index} with layers on "
+                    f"{projections.vera_A.device}; shared projections need one device"
+                )
+            # A new layer gets the shared pair as it is (the constructor checks its dtype); a reused
+            # one casts its slices to its own dtype.
+            meta_projections = _meta_projections(projections, weight.dtype if existing else projections.vera_A.dtype)
+        try:
+            meta_layer = build_layer(kind, _meta_linear(base), r, kwargs, meta_projections)
+            for field_name, value in extras.items():
+                _LAYER_FIELDS[kind][field_name].restore(meta_layer, value)
+        except (TypeError, ValueError) as exc:
+            raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"layer {name!r}: {exc}") from exc
+        given = [f for f in _LAYER_FIELDS[kind] if f in kwargs or f in extras]
+        if existing is not None:
+            for field_name in given:
+                field = _LAYER_FIELDS[kind][field_name]
+                old, new = field.read(module), field.read(meta_layer)
+                if field.restore is None and old != new:
+                    raise ValueError(
+                        f"layer {name!r} is a {kind} layer with {field_name}={old!r}; the file has "
+                        f"{field_name}={new!r}, which cannot be set on an existing layer without changing its "
+                        f"parameterisation (load into a model without this fused layer, or one built with "
+                        f"{field_name}={new!r})"
+                    )
+        plans.append(
+            _LayerPlan(name, kind, r, kwargs, spec, module, existing is not None, meta_layer, given, projections)
+        )
+    _check_tensors(model, tensors, plans)
+    return plans
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], plans: list[_LayerPlan]) -> None:
+    """Every tensor of the file has a parameter of its name and shape in the model as it will be
+    after injection, every adapter parameter of every layer of the file has a tensor, and a layer
+    saved merged holds only finite values (merging NaN/Inf fails half-way for LoRMA plus)."""
+    # Parameter names after injection. named_parameters lists each parameter once, under its first
+    # name: a new layer lists its adapter parameters, then its base layer's; the base parameters
+    # of a wrapped nn.Linear are the same objects and keep their listing (tied ones stay hidden),
+    # those of a Conv1D are new copies.
+    shapes = {key: tuple(p.shape) for key, p in model.named_parameters()}
+    for plan in plans:
+        if plan.reuse:
+            continue
+        prefix = _join(plan.name, "")
+        old = {key for key in shapes if key.startswith(prefix)}
+        for key in old:
+            del shapes[key]
+        conv = is_conv1d(plan.module)
+        for pname, p in plan.meta.named_parameters():
+            key = _join(plan.name, pname)
+            if pname.startswith("base_layer.") and not conv and _join(plan.name, pname[len("base_layer."):]) not in old:
+                continue
+            shapes[key] = tuple(p.shape)
+    lacking = []
+    for key, value in tensors.items():
+        if key.startswith(_PROJECTIONS_PREFIX):
+            continue  # checked by _check_projection_specs
+        if key not in shapes:
+            lacking.append(key)
+        elif shapes[key] != tuple(value.shape):
+            raise ValueError(f"{key}: the model has shape {shapes[key]}, the file {tuple(value.shape)}")
+    if lacking:
+        raise ValueError(f"the adapter file has tensors the model lacks: {lacking[:8]}")
+    for plan in plans:
+        for pname in adapter_parameters(plan.meta):
+            key = _join(plan.name, pname)
+            if key not in tensors:
+                raise ValueError(f"layer {plan.name!r}: the adapter file has no tensor for its parameter {key!r}")
+            value = tensors[key]
+            if plan.spec.get("merged", False) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"layer {plan.name!r} is saved merged but {key!r} holds NaN or Inf")
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply an adapter file written by :func:`save_adapter` to ``model``, in place; returns ``model``.
+
+    ``model`` is built like the saved one: either plain (fused layers are injected where the file
+    names them, each in the train/eval mode of the layer it replaces) or already holding fused
+    layers of the same types and ranks (they are reused; LoRMA layers must also have the file's
+    variant). Every setting the file holds is restored (``_LAYER_FIELDS``), every saved tensor
+    is copied exactly into the parameter of that name, VeRA projections are redrawn from their seed
+    (or taken from the file), layers saved merged are merged again, and ``requires_grad`` ends up
+    True exactly for the parameters that trained when saved.
+
+    All or nothing: the whole file is checked first and ``model`` is unchanged when this raises.
+
+    Raises:
+        ValueError: the file does not fit the model (a layer it names is missing or is a fused
+            layer of another type, rank or variant, a tensor has no parameter of its name and
+            shape, a setting is invalid, a layer saved merged holds NaN/Inf...); the message names
+            the layer or tensor.
+        TypeError: a layer the file names is neither ``nn.Linear``, ``Conv1D`` nor a fused layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tensors, meta = read_adapter(path)
+    plans = _plan(model, tensors, meta)
+    # From here on nothing can fail: every step was checked on the plan.
+    to_merge = []
+    for plan in plans:
+        fields = _LAYER_FIELDS[plan.kind]
+        if plan.reuse:
+            layer = plan.module
+            if layer.merged:
+                layer.unmerge()
+            for field_name in plan.given:  # validated values, read off the meta layer
+                field = fields[field_name]
+                if field.restore is not None:
+                    field.restore(layer, field.read(plan.meta))
+            if plan.kind == "vera":
+                layer.projections = plan.projections
+        else:
+            module = plan.module
+            base = linear_from_conv1d(module) if is_conv1d(module) else module
+            layer = build_layer(plan.kind, base, plan.r, plan.kwargs, plan.projections)
+            for field_name in plan.given:
+                field = fields[field_name]
+                if not field.kwarg:
+                    field.restore(layer, field.read(plan.meta))
+            layer.train(module.training)  # a model in eval mode must not start dropping out
+            replace_module(model, plan.name, layer)
+        layer.fan_in_fan_out = plan.spec.get("fan_in_fan_out", False)
+        if plan.spec.get("merged", False):
             to_merge.append(layer)
     params = dict(model.named_parameters())
-    missing = [key for key in tensors if not key.startswith("__projections__.") and key not in params]
-    if missing:
-        raise ValueError(f"the adapter file has tensors the model lacks: {missing[:8]}")
     with torch.no_grad():
         for key, value in tensors.items():
-            if key.startswith("__projections__."):
-                continue
-            param = params[key]
-            if tuple(param.shape) != tuple(value.shape):
-                raise ValueError(f"{key}: the model has shape {tuple(param.shape)}, the file {tuple(value.shape)}")
-            param.copy_(value)
-    trainable = set(meta["trainable"])
+            if not key.startswith(_PROJECTIONS_PREFIX):
+                params[key].copy_(value)
+    trainable = set(meta.get("trainable", ()))  # checked: names of tensors just copied
     for key, param in params.items():
         param.requires_grad_(key in trainable)
     for layer in to_merge:

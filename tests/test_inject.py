@@ -453,3 +453,51 @@ def test_no_public_name_shadows_a_module():
         attr = getattr(pefttriton, info.name, module)
         assert attr is module, f"pefttriton.{info.name} is a {type(attr).__name__}, not the module"
         assert isinstance(attr, types.ModuleType)
+
+
+# ------------------------------------------------------------------------------ modules_to_save
+
+
+class _WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Sequential(nn.Linear(8, 3))
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.head(self.other(self.body(x)))
+
+
+def test_modules_to_save_train_beside_the_adapters():
+    from pefttriton.injection import modules_to_save
+
+    model = inject(_WithHead(), LoRAConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"body.lora_A", "body.lora_B", "head.0.weight", "head.0.bias"}
+    assert modules_to_save(model) == ["head"]
+    inject(model, VeRAConfig(r=2, target_modules=["other"]))  # a later inject keeps the head trainable
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"head.0.weight", "head.0.bias", "other.lambda_d", "other.lambda_b"} <= trainable
+    merge_and_unload(model)
+    assert modules_to_save(model) == []
+
+
+def test_modules_to_save_errors():
+    with pytest.raises(ValueError, match="matches no module"):
+        inject(_WithHead(), LoRAConfig(r=2, target_modules=["body"], modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="target_modules adapts"):
+        inject(_WithHead(), LoRAConfig(r=2, target_modules=["0"], modules_to_save=["head"]))
+    with pytest.raises(TypeError, match="modules_to_save"):
+        LoRAConfig(r=2, target_modules=["body"], modules_to_save="head")
+
+
+def test_inject_keeps_eval_mode(gen):
+    """A model in eval mode gets its new layers in eval mode: LoRA dropout is then off."""
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    inject(model, LoRAConfig(r=2, lora_dropout=0.5, target_modules=["0"]))
+    assert not model[0].training and not model[0].lora_dropout.training
+    with torch.no_grad():
+        model[0].lora_B.fill_(1.0)
+    x = torch.randn(4, 8, generator=gen)
+    assert torch.equal(model(x), model(x))

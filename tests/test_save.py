@@ -139,3 +139,341 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="rank 3"):
         load_adapter(other, tmp_path / "a.safetensors")
     assert isinstance(fused_layers(model)[0][1].projections, VeRAProjections)
+
+
+# ------------------------------------------------------------------------------ settings restored
+
+
+def _rewrite(src, dst, edit_meta=None, edit_tensors=None):
+    """Copy the adapter file ``src`` to ``dst`` with its metadata and/or tensors edited in place."""
+    import json
+
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["pefttriton"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if edit_meta is not None:
+        edit_meta(meta)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, str(dst), metadata={"pefttriton": json.dumps(meta)})
+    return dst
+
+
+# Per adapter: the config saved, a config for a model that already holds fused layers with other
+# settings (same type, rank and, for LoRMA, variant), and the settings every loaded layer must end
+# up with, written out by hand from the saved config.
+_SETTINGS_CASES = {
+    "vera": (
+        VeRAConfig(r=4, d_initial=0.37, target_modules=["q_proj", "up_proj"]),
+        VeRAConfig(r=4, target_modules=["q_proj", "up_proj"]),
+        {"d_initial": 0.37},
+    ),
+    "lora": (  # scale set by hand to rsLoRA's alpha / sqrt(r) = 6 / 2 below
+        LoRAConfig(r=4, lora_alpha=6.0, lora_dropout=0.2, target_modules=["q_proj", "up_proj"]),
+        LoRAConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "up_proj"]),
+        {"alpha": 6.0, "dropout_p": 0.2, "scale": 3.0},
+    ),
+    "deep_lora": (
+        DeepLoRAConfig(r=3, eps=0.25, target_modules=["q_proj", "up_proj"]),
+        DeepLoRAConfig(r=3, target_modules=["q_proj", "up_proj"]),
+        {"eps": 0.25},
+    ),
+}
+if _lorma_available():
+    _SETTINGS_CASES["lorma"] = (
+        LoRMAConfig(r=3, alpha=2.0, variant="pi", target_modules=["q_proj", "up_proj"]),
+        LoRMAConfig(r=3, variant="pi", target_modules=["q_proj", "up_proj"]),
+        {"alpha": 2.0, "scale": 2.0 / 3.0, "variant": "pi"},
+    )
+
+
+@pytest.mark.parametrize("into", ["plain", "fused"])
+@pytest.mark.parametrize("adapter", sorted(_SETTINGS_CASES))
+def test_every_setting_restored(tmp_path, gen, adapter, into):
+    """Every constructor setting (and LoRA's scale) comes back, into a plain model and onto fused
+    layers that hold other values; a layer saved merged is merged with the restored settings."""
+    saved_cfg, other_cfg, expected = _SETTINGS_CASES[adapter]
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), saved_cfg).eval()
+    _randomize(model, gen)
+    if adapter == "lora":
+        for _, layer in fused_layers(model):
+            layer.scale = 6.0 / 2.0  # rsLoRA: alpha / sqrt(r), not alpha / r
+    fused_layers(model)[0][1].merge()
+    save_adapter(model, tmp_path / "a.safetensors")
+    target = copy.deepcopy(base) if into == "plain" else inject(copy.deepcopy(base), other_cfg).eval()
+    loaded = load_adapter(target, tmp_path / "a.safetensors").eval()
+    layers = fused_layers(loaded)
+    assert len(layers) == 4
+    for name, layer in layers:
+        for attr, value in expected.items():
+            assert getattr(layer, attr) == value, (name, attr)
+        if adapter == "lora":  # as the constructor makes it for dropout 0.2
+            assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.2
+    _assert_bit_identical(loaded, model, token_ids(gen))
+    if adapter == "lora":  # in training, the same dropout draws give the same outputs
+        model.train(), loaded.train()
+        ids = token_ids(gen)
+        torch.manual_seed(5)
+        want = model_output(model, ids)
+        torch.manual_seed(5)
+        got = model_output(loaded, ids)
+        assert torch.equal(got, want)
+        model.eval()
+        torch.manual_seed(5)
+        assert not torch.equal(model_output(loaded, ids), model_output(model, ids))  # dropout was active
+
+
+def test_lora_dropout_zero_restored_as_identity(tmp_path, gen):
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), LoRAConfig(r=2, target_modules=["v_proj"])).eval()
+    _randomize(model, gen)
+    save_adapter(model, tmp_path / "a.safetensors")
+    target = inject(copy.deepcopy(base), LoRAConfig(r=2, lora_dropout=0.3, target_modules=["v_proj"])).eval()
+    loaded = load_adapter(target, tmp_path / "a.safetensors")
+    for _, layer in fused_layers(loaded):
+        assert layer.dropout_p == 0.0 and isinstance(layer.lora_dropout, torch.nn.Identity)
+    loaded.train(), model.train()  # no dropout left: training outputs equal too
+    ids = token_ids(gen)
+    assert torch.equal(model_output(loaded, ids), model_output(model, ids))
+
+
+def test_vera_d_initial_in_metadata(tmp_path):
+    model = inject(tiny_llama(), VeRAConfig(r=4, d_initial=0.37, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a.safetensors")
+    _, meta = read_adapter(tmp_path / "a.safetensors")
+    assert meta["format_version"] == 1
+    assert all(spec["kwargs"] == {"d_initial": 0.37} for spec in meta["layers"].values())
+
+
+@pytest.mark.skipif(not _lorma_available(), reason="pefttriton.lorma not present")
+def test_lorma_variant_mismatch_refused(tmp_path):
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), LoRMAConfig(r=3, variant="plus", target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a.safetensors")
+    target = inject(copy.deepcopy(base), LoRMAConfig(r=3, variant="naive", target_modules=["q_proj"]))
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*variant='naive'.*variant='plus'"):
+        load_adapter(target, tmp_path / "a.safetensors")
+    _assert_unchanged(target, before)
+
+
+# ------------------------------------------------------------------------------ older files
+
+
+def test_file_without_new_fields_loads_as_before(tmp_path, gen):
+    """A file whose metadata lacks the settings (VeRA's d_initial, older than this format; the
+    others stripped by hand) loads as it always did: constructor defaults for injected layers,
+    the layer's own values for reused ones."""
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), VeRAConfig(r=4, d_initial=0.37, target_modules=["q_proj"]))
+    inject(model, LoRAConfig(r=2, lora_alpha=5.0, lora_dropout=0.1, target_modules=["v_proj"]))
+    model.eval()
+    _randomize(model, gen)
+
+    def strip(meta):
+        for spec in meta["layers"].values():
+            spec["kwargs"] = {}
+            spec.pop("scale", None)
+
+    save_adapter(model, tmp_path / "new.safetensors")
+    old = _rewrite(tmp_path / "new.safetensors", tmp_path / "old.safetensors", edit_meta=strip)
+    plain = load_adapter(copy.deepcopy(base), old).eval()
+    for name, layer in fused_layers(plain):
+        if "q_proj" in name:
+            assert layer.d_initial == 0.1  # FusedVeRALinear's default
+        else:
+            assert (layer.alpha, layer.scale, layer.dropout_p) == (8.0, 4.0, 0.0)  # FusedLoRALinear's defaults
+    # The adapter tensors are the file's: with the saved settings put back by hand, outputs agree.
+    for (_, layer), (_, want) in zip(fused_layers(plain), fused_layers(model)):
+        if hasattr(layer, "alpha"):
+            layer.scale = want.scale
+    with torch.no_grad():
+        ids = token_ids(gen)
+        assert torch.equal(model_output(plain, ids), model_output(model, ids))
+    target = inject(copy.deepcopy(base), VeRAConfig(r=4, d_initial=0.25, target_modules=["q_proj"]))
+    inject(target, LoRAConfig(r=2, lora_alpha=3.0, lora_dropout=0.4, target_modules=["v_proj"]))
+    load_adapter(target, old)
+    for name, layer in fused_layers(target):
+        if "q_proj" in name:
+            assert layer.d_initial == 0.25
+        else:
+            assert (layer.alpha, layer.scale, layer.dropout_p) == (3.0, 1.5, 0.4)
+
+
+# ------------------------------------------------------------------------------ all or nothing
+
+
+def _snapshot(model):
+    """Everything load_adapter may change: module types, parameters, settings of fused layers."""
+    settings = ("merged", "alpha", "scale", "dropout_p", "eps", "d_initial", "variant", "fan_in_fan_out", "training")
+    return {
+        "modules": {name: type(m) for name, m in model.named_modules()},
+        "params": {
+            name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters(remove_duplicate=False)
+        },
+        "layers": {
+            name: (
+                {attr: getattr(layer, attr) for attr in settings if hasattr(layer, attr)},
+                type(getattr(layer, "lora_dropout", None)),
+                id(getattr(layer, "projections", None)),
+            )
+            for name, layer in fused_layers(model)
+        },
+    }
+
+
+def _assert_unchanged(model, before):
+    after = _snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["layers"] == before["layers"]
+    assert after["params"].keys() == before["params"].keys()
+    for name, (value, requires_grad) in before["params"].items():
+        now, now_requires_grad = after["params"][name]
+        assert torch.equal(now, value) and now_requires_grad == requires_grad, name
+
+
+_LAST = "model.layers.1.mlp.down_proj"  # the last layer of the file, a LoRA layer to inject
+_REUSED = "model.layers.1.mlp.up_proj"  # a LoRA layer the target already holds
+
+
+def _break(mode):
+    """(edit_meta, edit_tensors, error type, message pattern) of one way a file can not fit."""
+
+    def meta_edit(fn):
+        return fn, None
+
+    def tensor_edit(fn):
+        return None, fn
+
+    if mode == "wrong_shape_last_layer":
+        edits = tensor_edit(lambda t: t.__setitem__(f"{_LAST}.lora_B", torch.zeros(30, 3)))
+        return (*edits, ValueError, r"down_proj\.lora_B.*\(30, 2\).*\(30, 3\)")
+    if mode == "missing_module":
+        edits = meta_edit(lambda m: m["layers"].__setitem__("model.layers.1.mlp.nope", m["layers"][_LAST]))
+        return (*edits, ValueError, "nope.*does not have")
+    if mode == "tensor_model_lacks":
+        edits = tensor_edit(lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)))
+        return (*edits, ValueError, r"lacks.*model\.extra\.weight")
+    if mode == "module_type":
+        edits = meta_edit(lambda m: m["layers"].__setitem__("model.norm", m["layers"][_LAST]))
+        return (*edits, TypeError, r"model\.norm.*LlamaRMSNorm")
+    if mode == "adapter_type":
+        edits = meta_edit(lambda m: m["layers"][_REUSED].update(adapter_type="deep_lora", kwargs={}))
+        return (*edits, ValueError, r"up_proj.*lora adapter of rank 2.*deep_lora")
+    if mode == "rank":
+        edits = meta_edit(lambda m: m["layers"][_REUSED].update(r=3))
+        return (*edits, ValueError, r"up_proj.*rank 2.*rank 3")
+    if mode == "bad_setting":
+        edits = meta_edit(lambda m: m["layers"][_LAST]["kwargs"].update(dropout=1.5))
+        return (*edits, ValueError, r"down_proj.*dropout")
+    if mode == "bad_scale":
+        edits = meta_edit(lambda m: m["layers"][_LAST].update(scale="big"))
+        return (*edits, ValueError, r"down_proj.*scale")
+    if mode == "unknown_setting":
+        edits = meta_edit(lambda m: m["layers"][_LAST]["kwargs"].update(rank_dropout=0.5))
+        return (*edits, ValueError, r"down_proj.*rank_dropout")
+    if mode == "missing_adapter_tensor":  # (also gone from the trainable list, which is checked too)
+        edits = (lambda m: m["trainable"].remove(f"{_LAST}.lora_A"), lambda t: t.pop(f"{_LAST}.lora_A"))
+        return (*edits, ValueError, r"down_proj.*no tensor.*lora_A")
+    if mode == "trainable_without_tensor":
+        edits = meta_edit(lambda m: m["trainable"].append("model.layers.1.mlp.gate_proj.weight"))
+        return (*edits, ValueError, r"trainable.*gate_proj\.weight")
+    if mode == "inside_fused_layer":  # the target's q_proj is a fused VeRA layer
+        inner = "model.layers.1.self_attn.q_proj.base_layer"
+        edits = meta_edit(lambda m: m["layers"].__setitem__(inner, m["layers"][_LAST]))
+        return (*edits, ValueError, r"q_proj\.base_layer.*inside the fused layer")
+    if mode == "merged_layer_not_finite":  # model.layers.0.self_attn.v_proj was saved merged
+        key = "model.layers.0.self_attn.v_proj.lora_B"
+        edits = tensor_edit(lambda t: t[key].fill_(float("nan")))
+        return (*edits, ValueError, r"v_proj.*merged.*NaN")
+    if mode == "projections_too_small":
+        edits = meta_edit(lambda m: m["projections"][0].update(max_in=10))
+        return (*edits, ValueError, r"q_proj.*smaller")
+    if mode == "projections_not_stored":
+        edits = meta_edit(lambda m: m["projections"][0].update(stored=True))
+        return (*edits, ValueError, r"projections entry 0.*no tensor")
+    raise AssertionError(mode)
+
+
+_FAILURES = [
+    "wrong_shape_last_layer", "missing_module", "tensor_model_lacks", "module_type", "adapter_type", "rank",
+    "bad_setting", "bad_scale", "unknown_setting", "missing_adapter_tensor", "trainable_without_tensor",
+    "inside_fused_layer", "merged_layer_not_finite", "projections_too_small", "projections_not_stored",
+]
+
+
+@pytest.fixture(scope="module")
+def _atomic_setup(tmp_path_factory):
+    """A saved file (VeRA on q_proj, LoRA on v/up/down_proj, a head, a merged layer) and a target
+    that holds some of those fused layers already (one merged) and plain layers elsewhere."""
+    gen = torch.Generator().manual_seed(7)
+    path = tmp_path_factory.mktemp("atomic") / "a.safetensors"
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), VeRAConfig(r=4, target_modules=["q_proj"]))
+    inject(model, LoRAConfig(r=2, lora_alpha=4.0, target_modules=["v_proj", "up_proj", "down_proj"]))
+    model.lm_head.weight.requires_grad_(True)
+    _randomize(model, gen)
+    fused_layers(model)[1][1].merge()
+    save_adapter(model, path)
+    return base, path
+
+
+@pytest.mark.parametrize("mode", _FAILURES)
+def test_failed_load_changes_nothing(tmp_path, _atomic_setup, mode):
+    base, path = _atomic_setup
+    target = inject(copy.deepcopy(base), VeRAConfig(r=4, target_modules=["q_proj"]))
+    inject(target, LoRAConfig(r=2, lora_alpha=8.0, lora_dropout=0.1, target_modules=["up_proj"]))
+    fused_layers(target)[2][1].merge()  # model.layers.0.mlp.up_proj: would be unmerged first
+    edit_meta, edit_tensors, error, pattern = _break(mode)
+    broken = _rewrite(path, tmp_path / "broken.safetensors", edit_meta, edit_tensors)
+    before = _snapshot(target)
+    with pytest.raises(error, match=pattern):
+        load_adapter(target, broken)
+    _assert_unchanged(target, before)
+    # the unbroken file still loads into the same model afterwards
+    load_adapter(target, path)
+    assert len(fused_layers(target)) == 8
+
+
+@pytest.mark.skipif(not _lorma_available(), reason="pefttriton.lorma not present")
+def test_merged_lorma_that_cannot_unmerge_refused_before_any_change(tmp_path, gen):
+    import pefttriton.lorma
+
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), LoRMAConfig(r=2, variant="naive", target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a.safetensors")
+    target = inject(copy.deepcopy(base), LoRMAConfig(r=2, variant="naive", target_modules=["q_proj"]))
+    for _, layer in fused_layers(target):
+        layer.merge()
+    last = fused_layers(target)[-1][1]
+    last.base_weight_copy = None  # e.g. a merged model restored from a state_dict (the copy is not saved)
+    assert isinstance(last, pefttriton.lorma.FusedLoRMALinear)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj.*cannot be unmerged"):
+        load_adapter(target, tmp_path / "a.safetensors")
+    _assert_unchanged(target, before)
+
+
+# ------------------------------------------------------------------------------ tied weights
+
+
+def test_tied_lm_head_saved_merged(tmp_path, gen):
+    """A LoRA on GPT-2's lm_head (tied to wte), saved merged: loading records the tie, merging
+    unties it, so wte keeps the base values; outputs match the saved model."""
+    base = tiny_gpt2()
+    with pytest.warns(UserWarning, match="tied"):
+        model = inject(copy.deepcopy(base), LoRAConfig(r=2, target_modules=["lm_head", "c_attn"]))
+    _randomize(model, gen)
+    with pytest.warns(UserWarning, match="tied"):
+        model.lm_head.merge()
+    save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match="tied"):
+        loaded = load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")
+    assert loaded.lm_head.merged and loaded.lm_head.tied_weight_names == []
+    assert loaded.lm_head.base_layer.weight is not loaded.transformer.wte.weight
+    assert torch.equal(loaded.transformer.wte.weight, base.transformer.wte.weight)
+    assert not loaded.lm_head.fan_in_fan_out and loaded.transformer.h[0].attn.c_attn.fan_in_fan_out
+    _assert_bit_identical(loaded, model, token_ids(gen))
