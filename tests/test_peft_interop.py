@@ -6,6 +6,9 @@ low-rank path inside one GEMM, PEFT adds it after the base GEMM: a different sum
 so relative differences of order 1e-7 remain; the bound is 1e-5). A PEFT model loaded back from
 what pefttriton saved is compared with the original PEFT model: there the outputs are bitwise
 equal, since both sides run PEFT's code on the same tensors.
+
+Which layers and modules PEFT ends up with (exact target names, one adapter of several,
+modules_to_save, VeRA's save_projection and d_initial): ``test_peft_interop_roundtrip.py``.
 """
 
 import copy
