@@ -13,7 +13,8 @@
   every constructor argument (``"kwargs"``: VeRA ``d_initial``; LoRA ``alpha``, ``dropout``;
   Deep LoRA ``eps``; LoRMA ``alpha``, ``variant``), the settings made after construction (LoRA
   ``"scale"``, which rsLoRA sets to ``alpha / sqrt(r)``), its merged flag and whether it came from
-  GPT-2's ``Conv1D``; and which saved tensors train. ``_LAYER_FIELDS`` below is the one table of
+  GPT-2's ``Conv1D``; which saved tensors train; and the model's modules to save
+  (:func:`pefttriton.injection.modules_to_save`), recorded again on load. ``_LAYER_FIELDS`` below is the one table of
   these settings.
 
 Frozen base weights are not saved: :func:`load_adapter` applies the file to a model built the same
@@ -44,6 +45,8 @@ import torch
 from torch import nn
 
 from pefttriton.injection import (
+    add_modules_to_save,
+    modules_to_save,
     adapter_parameters,
     adapter_type_of,
     build_layer,
@@ -197,6 +200,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
         "layers": layer_meta,
         "projections": projections_meta,
         "trainable": trainable,
+        "modules_to_save": modules_to_save(model),
     }
     save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
     return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
@@ -507,6 +511,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tensors, meta = read_adapter(path)
     plans = _plan(model, tensors, meta)
+    saved_modules = meta.get("modules_to_save", [])  # absent in older files
+    if not isinstance(saved_modules, list) or not all(isinstance(name, str) for name in saved_modules):
+        raise ValueError("the adapter file's 'modules_to_save' must be a list of module names")
+    missing = [name for name in saved_modules if not _has_submodule(model, name)]
+    if missing:
+        raise ValueError(f"the adapter file's modules_to_save name modules the model does not have: {missing[:8]}")
     # From here on nothing can fail: every step was checked on the plan.
     to_merge = []
     for plan in plans:
@@ -544,7 +554,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         param.requires_grad_(key in trainable)
     for layer in to_merge:
         layer.merge()
+    if saved_modules:
+        add_modules_to_save(model, saved_modules)
     return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 __all__ = ["load_adapter", "read_adapter", "save_adapter"]

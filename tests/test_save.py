@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
 
@@ -477,3 +478,27 @@ def test_tied_lm_head_saved_merged(tmp_path, gen):
     assert torch.equal(loaded.transformer.wte.weight, base.transformer.wte.weight)
     assert not loaded.lm_head.fan_in_fan_out and loaded.transformer.h[0].attn.c_attn.fan_in_fan_out
     _assert_bit_identical(loaded, model, token_ids(gen))
+
+
+def test_modules_to_save_record_round_trips(tmp_path, gen):
+    """A head trained beside the adapters is saved, loaded and recorded again, so that a later
+    PEFT export (or inject) still treats it as a module to save."""
+    from pefttriton.injection import modules_to_save
+
+    from collections import OrderedDict
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(body=nn.Linear(8, 8), head=nn.Sequential(nn.Linear(8, 3))))
+
+    model = inject(build(), LoRAConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    with torch.no_grad():
+        model.head[0].weight.add_(torch.randn(3, 8, generator=gen))
+        model.body.lora_B.add_(torch.randn(8, 2, generator=gen))
+    path = tmp_path / "a.safetensors"
+    save_adapter(model, path)
+    fresh = load_adapter(build(), path)
+    assert modules_to_save(fresh) == ["head"]
+    assert fresh.head[0].weight.requires_grad and torch.equal(fresh.head[0].weight, model.head[0].weight)
+    x = torch.randn(4, 8, generator=gen)
+    assert torch.equal(fresh(x), model(x))
