@@ -63,9 +63,9 @@ def _unavailable(name: str) -> str | None:
 
 
 def _check_not_interpreted() -> None:
-    from pefttriton.kernels import lowrank_linear as kernels
+    from pefttriton.kernels import launch
 
-    if DEVICE.type == "cuda" and kernels.INTERPRET:
+    if DEVICE.type == "cuda" and launch.INTERPRET:
         pytest.fail(
             "Triton kernels run in the CPU interpreter in this session (TRITON_INTERPRET=1, which tests/conftest.py "
             "sets when tests/ is collected too), so GPU timings would be meaningless: run `pytest --benchmark-only bench`"

@@ -24,15 +24,11 @@ m^2 stores and tensor cores would not pay. fp32 dots use IEEE precision unless
 Kernel-local names: M is the matrix size (out_features of the adapted layer), R the rank.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from pefttriton.kernels.lowrank_linear import acc_dtype, input_precision
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from pefttriton.kernels.launch import INTERPRET, acc_dtype, grouped_program_ids, input_precision, on_device
 
 
 def _config(warps, stages, **blocks):
@@ -104,13 +100,10 @@ def _shift_product_kernel(
     M, R, scale,
     stride_bm, stride_br, stride_ar, stride_am, stride_om, stride_on,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[i, (i + d) mod M] = scale * sum_k b[i, k] a[k, d] for one (BLOCK_M rows, BLOCK_N d) tile."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(M, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
+    pid_m, pid_n = grouped_program_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(M, BLOCK_N), GROUP_M)
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -243,11 +236,12 @@ def shift_product(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tenso
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)
 
-    _shift_product_kernel[grid](
-        B, A, out, m, r, float(scale),
-        B.stride(0), B.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-        INPUT_PRECISION=input_precision(out.dtype),
-    )
+    with on_device(out):
+        _shift_product_kernel[grid](
+            B, A, out, m, r, float(scale),
+            B.stride(0), B.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+            INPUT_PRECISION=input_precision(out.dtype), GROUP_M=8,
+        )
     return out
 
 
@@ -287,11 +281,12 @@ def shift_product_grads(
         splits = triton.cdiv(m, chunk) if m else 1
         part = torch.empty((splits, m, r), device=G.device, dtype=acc)
         if m > 0:
-            _shift_grad_b_kernel[(out_blocks, r_blocks, splits)](
-                G, A, part, m, r, chunk, float(scale),
-                G.stride(0), G.stride(1), A.stride(0), A.stride(1), part.stride(0), part.stride(1), part.stride(2),
-                INPUT_PRECISION=precision, BLOCK_M=GRAD_OUT_BLOCK,
-            )
+            with on_device(part):
+                _shift_grad_b_kernel[(out_blocks, r_blocks, splits)](
+                    G, A, part, m, r, chunk, float(scale),
+                    G.stride(0), G.stride(1), A.stride(0), A.stride(1), part.stride(0), part.stride(1), part.stride(2),
+                    INPUT_PRECISION=precision, BLOCK_M=GRAD_OUT_BLOCK,
+                )
         grad_B = part[0] if splits == 1 else part.sum(0)
     if need_A:
         out_blocks = triton.cdiv(m, GRAD_OUT_BLOCK)
@@ -299,10 +294,11 @@ def shift_product_grads(
         splits = triton.cdiv(m, chunk) if m else 1
         part = torch.empty((splits, r, m), device=G.device, dtype=acc)
         if m > 0:
-            _shift_grad_a_kernel[(out_blocks, r_blocks, splits)](
-                G, B, part, m, r, chunk, float(scale),
-                G.stride(0), G.stride(1), B.stride(0), B.stride(1), part.stride(0), part.stride(1), part.stride(2),
-                INPUT_PRECISION=precision, BLOCK_N=GRAD_OUT_BLOCK,
-            )
+            with on_device(part):
+                _shift_grad_a_kernel[(out_blocks, r_blocks, splits)](
+                    G, B, part, m, r, chunk, float(scale),
+                    G.stride(0), G.stride(1), B.stride(0), B.stride(1), part.stride(0), part.stride(1), part.stride(2),
+                    INPUT_PRECISION=precision, BLOCK_N=GRAD_OUT_BLOCK,
+                )
         grad_A = part[0] if splits == 1 else part.sum(0)
     return grad_B, grad_A

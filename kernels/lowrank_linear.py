@@ -6,7 +6,7 @@ Every adapter of pefttriton reduces to
 
 and these two kernels implement it, forward and backward, with no (tokens, out) intermediate:
 
-* ``_linear_lowrank_kernel`` is the tiled GEMM of the Triton tutorial with a second K segment:
+* ``_fused_gemm_kernel`` is the tiled GEMM of the Triton tutorial with a second K segment:
   after the K loop over the input features of ``W`` it runs over the rank of the low-rank path
   (a concatenated-K GEMM), so ``y`` is written once. ``b`` scales the low-rank tile of ``B``
   (``b * (h B^T) == h (b * B)^T``), ``bias`` is added in the epilogue. The same kernel serves the
@@ -19,16 +19,19 @@ Launchers take tensors of any strides (matrices are read through their strides, 
 contiguous); validation and autograd live in ``pefttriton.ops``.
 """
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9): under it, bf16 tiles are
-# upcast to fp32 before each dot. Compiled GPU kernels never take that branch.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from pefttriton.kernels.launch import (
+    INTERPRET,
+    acc_dtype,
+    contiguous_vector,
+    dot_in_fp32,
+    grouped_program_ids,
+    input_precision,
+    on_device,
+)
 
 
 def _config(block_m, block_n, block_k, warps, stages, group_m=8):
@@ -117,7 +120,7 @@ def grad_blocks(rank: int) -> tuple[int, int]:
     restore_value=["y_ptr"],
 )
 @triton.jit
-def _linear_lowrank_kernel(
+def _fused_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, y_ptr,
     M, N, K, R, scale,
     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -133,15 +136,7 @@ def _linear_lowrank_kernel(
     HAS_MAIN=False drops the x w^T segment and ACCUMULATE=True adds into y instead of
     overwriting it: together they add the low-rank path into a y computed by cuBLAS.
     """
-    # Grouped program order: GROUP_M row blocks share each column block while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_program_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,7 +233,7 @@ def _lowrank_grad_kernel(
     if NEED_GRAD_B:
         h = (xa * dscale[None, :]).to(dot_dtype)
 
-    gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
+    g_rank = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)  # (bvec * g) lb: g in the rank space
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
     part_row = pid
@@ -254,45 +249,14 @@ def _lowrank_grad_kernel(
         if HAS_BVEC:
             bvec = tl.load(bvec_ptr + n * BLOCK_N + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
             g_tile = g_tile.to(acc_dtype) * bvec[None, :]
-        gb = tl.dot(g_tile.to(dot_dtype), tl.trans(lb_tile), gb, input_precision=INPUT_PRECISION)
+        g_rank = tl.dot(g_tile.to(dot_dtype), tl.trans(lb_tile), g_rank, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_N * stride_gn
         lb_ptrs += BLOCK_N * stride_lbn
 
-    gh = gb * dscale[None, :]
+    gh = g_rank * dscale[None, :]
     tl.store(gh_ptr + rows[:, None] * stride_ghm + offs_r[None, :] * stride_ghr, gh, mask=mask_mr)
     if NEED_GRAD_D:
-        tl.store(grad_d_part_ptr + pid_m * R + offs_r, tl.sum(xa * gb, axis=0), mask=mask_r)
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """Precision of fp32 dots: TF32 exactly when PyTorch's own fp32 matmuls may use it.
-
-    Following ``torch.backends.cuda.matmul.allow_tf32`` (off by default) keeps the fused op as
-    precise as the unfused layers it replaces. 16-bit inputs ignore it.
-    """
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _dot_in_fp32(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.).
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _vector(v: torch.Tensor | None) -> torch.Tensor | None:
-    # The kernels read (n,) vectors as ``ptr + offs``: a strided or expanded view (b = P[:, 1],
-    # bias = v[::2], an expand) is copied to a contiguous one first (a small copy, if any).
-    return None if v is None else v.contiguous()
+        tl.store(grad_d_part_ptr + pid_m * R + offs_r, tl.sum(xa * g_rank, axis=0), mask=mask_r)
 
 
 def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
@@ -300,7 +264,7 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     M, N = y.shape
     if M == 0 or N == 0:
         return y
-    bias, d, bvec = _vector(bias), _vector(d), _vector(bvec)
+    bias, d, bvec = contiguous_vector(bias), contiguous_vector(d), contiguous_vector(bvec)
     dummy = lowrank_B if weight is None else weight  # never read: its constexpr flag is off
     x_ = x if has_main else dummy
     w_ = weight if has_main else dummy
@@ -312,8 +276,8 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with _on_device(y):
-        _linear_lowrank_kernel[grid](
+    with on_device(y):
+        _fused_gemm_kernel[grid](
             x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
             bvec if bvec is not None else dummy, y,
             M, N, K, R, float(scale),
@@ -322,12 +286,12 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
             y.stride(0), y.stride(1),
             HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
             HAS_BVEC=bvec is not None, ACCUMULATE=accumulate,
-            INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=_dot_in_fp32(dummy.dtype),
+            INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
         )
     return y
 
 
-def linear_lowrank(
+def fused_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -358,7 +322,7 @@ def add_lowrank_(
 ) -> torch.Tensor:
     """``y += bvec * ((scale * d * h) @ lowrank_B.T)`` in place, one launch; returns ``y``.
 
-    The split form of :func:`linear_lowrank`: the base GEMM runs in cuBLAS, this kernel adds the
+    The split form of :func:`fused_gemm`: the base GEMM runs in cuBLAS, this kernel adds the
     low-rank path (y is read and written once more: 2 * M * N extra element moves).
     """
     return _launch_gemm(None, None, None, h, lowrank_B, d, bvec, scale, y, accumulate=True)
@@ -382,7 +346,7 @@ def lowrank_grads(
     """
     M, N = g.shape
     R = xa.shape[1]
-    d, bvec = _vector(d), _vector(bvec)
+    d, bvec = contiguous_vector(d), contiguous_vector(bvec)
     block_m, block_r = grad_blocks(R)
     m_blocks, r_blocks = triton.cdiv(M, block_m), triton.cdiv(R, block_r)
     acc = acc_dtype(lowrank_B.dtype)
@@ -391,7 +355,7 @@ def lowrank_grads(
     grad_b_part = torch.zeros((m_blocks * r_blocks, N) if need_grad_b else (1,), device=g.device, dtype=acc)
     if M > 0:
         dummy = xa
-        with _on_device(g):
+        with on_device(g):
             _lowrank_grad_kernel[(m_blocks * r_blocks,)](
                 g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
                 gh, grad_d_part, grad_b_part,
@@ -399,7 +363,7 @@ def lowrank_grads(
                 g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
                 lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
                 HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
-                INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=_dot_in_fp32(lowrank_B.dtype),
+                INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=dot_in_fp32(lowrank_B.dtype),
                 BLOCK_M=block_m, BLOCK_R=block_r,
             )
     grad_d = grad_d_part.sum(0).mul_(scale) if need_grad_d else None

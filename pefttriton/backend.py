@@ -26,6 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
+from pefttriton.kernels import launch
+
 BACKENDS = ("auto", "triton", "torch")
 GEMM_MODES = ("fused", "split")
 PATHS = ("torch", "fused", "split")
@@ -52,8 +54,9 @@ _gemm_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` was set
+    when they were defined: :data:`pefttriton.kernels.launch.INTERPRET`)."""
+    return launch.INTERPRET
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:

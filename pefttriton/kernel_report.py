@@ -41,7 +41,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 class Variant:
     """One way the ops launch a kernel: which flags are on, which strides are 1, pointer dtypes."""
 
-    kernel: str  # attribute name in pefttriton.kernels.lowrank_linear
+    kernel: str  # attribute name in the module below
     name: str  # the call site
     flags: tuple  # (name, value) constexpr flags
     unit_strides: tuple  # stride arguments equal to 1 at this call site
@@ -58,7 +58,7 @@ def _gemm_variants():
     fwd_strides = ("stride_xk", "stride_wk", "stride_hr", "stride_lbr", "stride_yn")
     # grad_x = g W + gh A reads W and A transposed: unit stride along N, not K.
     grad_x_strides = ("stride_xk", "stride_wn", "stride_hr", "stride_lbn", "stride_yn")
-    k = "_linear_lowrank_kernel"
+    k = "_fused_gemm_kernel"
     return [
         Variant(k, "forward (VeRA: d, b, bias)", flags(True, True, True, True, True), fwd_strides,
                 ("h_ptr", "d_ptr", "bvec_ptr")),
@@ -91,7 +91,7 @@ def _grad_variants():
 def _lorma_pi_variants():
     # The launchers upcast the factors: every pointer and dot is fp32 whatever the layer dtype.
     return [
-        Variant("_shift_product_kernel", "LoRMA-pi: M = s shift(B A)", (), ("stride_br", "stride_am", "stride_on"),
+        Variant("_shift_product_kernel", "LoRMA-pi: M = s shift(B A)", (("GROUP_M", 8),), ("stride_br", "stride_am", "stride_on"),
                 ("b_ptr", "a_ptr", "out_ptr"), module="lorma_pi"),
         Variant("_shift_grad_b_kernel", "LoRMA-pi: grad_B = s unshift(G) A^T", (("BLOCK_M", lp.GRAD_OUT_BLOCK),),
                 ("stride_gn", "stride_am", "stride_pr"), ("g_ptr", "a_ptr", "part_ptr"), module="lorma_pi"),
@@ -109,7 +109,7 @@ def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
     """The configs the autotuner may pick for this call site and dtype (``tf32``: fp32 inputs, TF32 dots)."""
     if variant.module == "lorma_pi":
         return lp.CONFIGS[variant.kernel]  # one list: fp32 dots for every input dtype
-    if variant.kernel != "_linear_lowrank_kernel":
+    if variant.kernel != "_fused_gemm_kernel":
         return lk.GRAD_CONFIGS
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
 

@@ -19,9 +19,9 @@ def pytest_configure(config):
     if config.getoption("benchmark_only", default=False):
         return
     os.environ["TRITON_INTERPRET"] = "1"
-    from pefttriton.kernels import lowrank_linear as kernels
+    from pefttriton.kernels import launch
 
-    if not kernels.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
+    if not launch.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
         raise RuntimeError(
             "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
         )

@@ -44,9 +44,9 @@ def test_every_config_compiles_without_spills(report):
 
 def test_every_shipped_config_and_target_is_covered(report):
     _, results = report
-    n_variants = {"_linear_lowrank_kernel": 6, "_lowrank_grad_kernel": 6}
+    n_variants = {"_fused_gemm_kernel": 6, "_lowrank_grad_kernel": 6}
     per_dtype = {
-        dtype: n_variants["_linear_lowrank_kernel"] * len(lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype])
+        dtype: n_variants["_fused_gemm_kernel"] * len(lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype])
         + n_variants["_lowrank_grad_kernel"] * len(lk.GRAD_CONFIGS)
         # LoRMA-pi kernels upcast to fp32: compiled for fp32 and tf32 only
         + (sum(len(c) for c in lp.CONFIGS.values()) if dtype in ("fp32", "tf32") else 0)

@@ -130,12 +130,12 @@ def test_split_gemm_mode_triton(gen, split_mode, dtype, r, vectors):
 
 def test_split_gemm_mode_launches_add_kernel(gen, monkeypatch, split_mode):
     """In split mode the Triton backend adds into y (and grad_x) instead of running the fused GEMM."""
-    calls = count_launcher_calls(monkeypatch, "linear_lowrank", "add_lowrank_", "lowrank_grads")
+    calls = count_launcher_calls(monkeypatch, "fused_gemm", "add_lowrank_", "lowrank_grads")
     t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
     with pefttriton.use_backend("triton"):
         lowrank_linear(*[t[k] for k in NAMES]).sum().backward()
     # forward: down projection + low-rank add; backward: low-rank grads + low-rank add into g W
-    assert calls == {"linear_lowrank": 1, "add_lowrank_": 2, "lowrank_grads": 1}
+    assert calls == {"fused_gemm": 1, "add_lowrank_": 2, "lowrank_grads": 1}
 
 
 def test_set_gemm_mode_rejects_unknown_name():
@@ -378,20 +378,22 @@ def test_use_backend_restores_previous():
 def test_backend_selects_implementation(gen, monkeypatch, name, expect_triton):
     """The chosen backend really runs: Triton launchers are called exactly under "triton"
     ("auto" means PyTorch on CPU tensors)."""
-    calls = count_launcher_calls(monkeypatch, "linear_lowrank", "lowrank_grads")
+    calls = count_launcher_calls(monkeypatch, "fused_gemm", "lowrank_grads")
     t = make_inputs(gen, 9, 6, 5, 3, dtype=torch.float64, requires_grad=("x", "d", "b"))
     with pefttriton.use_backend(name):
         y = lowrank_linear(*[t[k] for k in NAMES])
         y.sum().backward()
     if expect_triton:
         # forward: down projection + fused GEMM; backward: low-rank grads + grad_x GEMM
-        assert calls == {"linear_lowrank": 3, "lowrank_grads": 1}
+        assert calls == {"fused_gemm": 3, "lowrank_grads": 1}
     else:
-        assert calls == {"linear_lowrank": 0, "lowrank_grads": 0}
+        assert calls == {"fused_gemm": 0, "lowrank_grads": 0}
 
 
 def test_triton_backend_on_cpu_without_interpreter_errors(gen, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from pefttriton.kernels import launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
     t = _small(gen)
     with pefttriton.use_backend("triton"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -10,7 +10,7 @@ Two public ops, both ``torch.library.custom_op`` with autograd and fake implemen
   straight from ``B`` and ``A`` by ``pefttriton.kernels.lorma_pi`` (no ``B A`` intermediate);
   its backward ``grad_B = scale * unshift(G) A^T``, ``grad_A = scale * B^T unshift(G)`` goes
   through the shift exactly.
-* :func:`lorma_pi_linear` applies it with the engine's GEMM (``linear_lowrank``, bias in the
+* :func:`lorma_pi_linear` applies it with the engine's GEMM (``fused_gemm``, bias in the
   epilogue) in one of two orders, chosen per call from the multiply-add counts (:func:`pi_order`):
 
   - ``"tokens"``: ``z = x W0^T``, ``y = z M^T + bias``. Extra multiply-adds: ``N m^2`` forward,
@@ -40,7 +40,8 @@ from torch import Tensor
 
 from pefttriton.backend import resolve_path
 from pefttriton.kernels import lorma_pi as kernels
-from pefttriton.kernels.lowrank_linear import acc_dtype, linear_lowrank
+from pefttriton.kernels.launch import acc_dtype
+from pefttriton.kernels.lowrank_linear import fused_gemm
 from pefttriton.ops.validation import (
     FLOAT_DTYPES,
     autocast_cast,
@@ -110,14 +111,14 @@ def _torch_shift_grads(G: Tensor, B: Tensor, A: Tensor, scale: float, need_B: bo
 
 
 def _torch_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    """``a @ b_t.T + bias`` (the shape contract of ``linear_lowrank``)."""
+    """``a @ b_t.T + bias`` (the shape contract of ``fused_gemm``)."""
     dtype = b_t.dtype
     y = torch.addmm(bias, a.to(dtype), b_t.T) if bias is not None else a.to(dtype) @ b_t.T
     return y.to(out_dtype) if out_dtype is not None else y
 
 
 def _triton_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    return linear_lowrank(a, b_t, bias, out_dtype=out_dtype or b_t.dtype)
+    return fused_gemm(a, b_t, bias, out_dtype=out_dtype or b_t.dtype)
 
 
 def _impl(path: str, t: Tensor):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pefttriton.backend import resolve_path
 from pefttriton.kernels import lowrank_linear as kernels
+from pefttriton.kernels.launch import acc_dtype
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
@@ -46,7 +47,7 @@ def _scaled_B(B: Tensor, scale_B: float) -> Tensor:
     """``scale_B * B`` rounded once to ``B``'s dtype (B itself when ``scale_B == 1``)."""
     if scale_B == 1.0:
         return B
-    return (B.to(kernels.acc_dtype(B.dtype)) * scale_B).to(B.dtype)
+    return (B.to(acc_dtype(B.dtype)) * scale_B).to(B.dtype)
 
 
 def _rank_scale(d, scale, r, like):
@@ -61,7 +62,7 @@ def _rank_scale(d, scale, r, like):
 
 def _torch_forward(x, weight, bias, A, B, d, b, scale):
     dtype = x.dtype
-    acc = kernels.acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     scale_h, scale_B = split_scale(scale)
     xa = (x @ A.T).to(acc)
     h = (xa * _rank_scale(d, scale_h, A.shape[0], xa)).to(dtype)
@@ -106,11 +107,11 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs):
 def _triton_forward(x, weight, bias, A, B, d, b, scale, split):
     scale_h, scale_B = split_scale(scale)
     B_s = _scaled_B(B, scale_B)
-    xa = kernels.linear_lowrank(x, A, out_dtype=kernels.acc_dtype(x.dtype))
+    xa = kernels.fused_gemm(x, A, out_dtype=acc_dtype(x.dtype))
     if split:
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
         return kernels.add_lowrank_(y, xa, B_s, d, b, scale_h), xa
-    return kernels.linear_lowrank(x, weight, bias, xa, B_s, d, b, scale_h), xa
+    return kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h), xa
 
 
 def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
@@ -128,7 +129,7 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
         grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
     elif need_x:
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
-        grads["x"] = kernels.linear_lowrank(g, weight.T, None, gh, A.T)
+        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T)
     if need_B:
         p = g.T.to(xa.dtype) @ (xa * _rank_scale(d, scale, A.shape[0], xa))  # g^T h: only when B trains
         grads["B"] = p * b.to(xa.dtype)[:, None] if b is not None else p
@@ -170,7 +171,7 @@ def _lowrank_linear_fwd(
 
 @_lowrank_linear_fwd.register_fake
 def _(x, weight, bias, A, B, d, b, scale, path):
-    xa = x.new_empty((x.shape[0], A.shape[0]), dtype=kernels.acc_dtype(x.dtype))
+    xa = x.new_empty((x.shape[0], A.shape[0]), dtype=acc_dtype(x.dtype))
     return x.new_empty((x.shape[0], weight.shape[0])), xa
 
 

@@ -1,0 +1,65 @@
+"""What every launcher of pefttriton's kernels shares.
+
+* :data:`INTERPRET`: whether the kernels run in Triton's CPU interpreter. Triton reads
+  ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so this flag, read at the same
+  moment, is the one source of truth (``pefttriton.backend`` asks it too).
+* The precision policy: :func:`acc_dtype`, :func:`input_precision` (IEEE fp32 dots unless PyTorch's
+  own fp32 matmuls may use TF32) and :func:`dot_in_fp32` (the interpreter's bf16 dot is broken).
+* :func:`on_device`: the launch runs on the tensor's CUDA device (``cuda:1`` etc.), not the current one.
+* :func:`contiguous_vector`: kernels read (n,) vectors as ``ptr + offs``.
+* :func:`grouped_program_ids`: the Triton tutorial's grouped ordering of output tiles.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """Precision of fp32 dots: TF32 exactly when PyTorch's own fp32 matmuls may use it.
+
+    Following ``torch.backends.cuda.matmul.allow_tf32`` (off by default) keeps the fused ops as
+    precise as the unfused layers they replace. 16-bit inputs ignore it.
+    """
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tiles of ``dtype`` are upcast to fp32 before ``tl.dot``: only bf16 under the
+    interpreter, which computes bf16 dots wrongly (triton 3.9). Compiled kernels never do."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def on_device(t: torch.Tensor):
+    """Context of a launch on ``t``'s device: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def contiguous_vector(v: torch.Tensor | None) -> torch.Tensor | None:
+    """``v`` as a contiguous vector (no copy when it is one): a strided or expanded view
+    (``b = P[:, 1]``, ``bias = v[::2]``, an ``expand``) read as ``ptr + offs`` gives garbage."""
+    return None if v is None else v.contiguous()
+
+
+@triton.jit
+def grouped_program_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program ``pid`` in grouped order: GROUP_M row blocks share
+    each column block while it is in L2 (the Triton matrix-multiplication tutorial)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
