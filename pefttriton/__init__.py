@@ -1,17 +1,21 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
-from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.adapter_layer import AdapterLayer
 from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend, use_gemm_mode
-from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
+from pefttriton.config import AdapterConfig, DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
 from pefttriton.injection import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.lorma import FusedLoRMALinear
+from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
+from pefttriton.registry import register_adapter
 from pefttriton.save import load_adapter, save_adapter
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
     "DeepLoRAConfig",
     "FusedDeepLoRALinear",
     "FusedLoRALinear",
@@ -33,6 +37,7 @@ __all__ = [
     "lowrank_linear",
     "merge_and_unload",
     "print_trainable_parameters",
+    "register_adapter",
     "save_adapter",
     "save_peft_adapter",
     "set_backend",

@@ -25,18 +25,22 @@ full module name (``re.fullmatch``). ``exclude_modules`` removes matches the sam
 
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from pefttriton.adapter_layer import AdapterLayer, check_finite
+from pefttriton.deep_lora import FusedDeepLoRALinear
+from pefttriton.lora import FusedLoRALinear
+from pefttriton.lorma import FusedLoRMALinear
+from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_finite(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
 
 
 def _normalise_targets(name: str, value, *, required: bool) -> list[str] | str | None:
@@ -57,17 +61,31 @@ def _normalise_targets(name: str, value, *, required: bool) -> list[str] | str |
     raise TypeError(f"{name} must be a list of module names or a regex string, got {type(value).__name__}")
 
 
+def layer_default(layer_class: type[AdapterLayer], setting: str):
+    """The default of ``setting`` in ``layer_class``'s constructor: the one source of a config's default."""
+    return inspect.signature(layer_class.__init__).parameters[setting].default
+
+
 @dataclass
-class _AdapterConfig:
-    """Fields every adapter config has (see the module docstring for their meaning)."""
+class AdapterConfig:
+    """Fields every adapter config has (see the module docstring for their meaning).
+
+    A subclass names its layer class and, in ``layer_settings``, which of its fields are which
+    settings of that layer (``{"lora_alpha": "alpha"}``); their defaults are the layer's own.
+    """
 
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
 
-    #: Name of the adapter, as stored in checkpoints (``"vera"``, ``"lora"``, ...).
-    adapter_type = ""
+    layer_class: ClassVar[type[AdapterLayer]] = AdapterLayer
+    layer_settings: ClassVar[dict[str, str]] = {}
+
+    @property
+    def adapter_type(self) -> str:
+        """Name of the adapter, as stored in checkpoints (``"vera"``, ``"lora"``, ...)."""
+        return self.layer_class.adapter_type
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -84,12 +102,18 @@ class _AdapterConfig:
         return out
 
     def layer_kwargs(self) -> dict:
-        """Keyword arguments of the fused module's constructor besides ``base_layer`` and ``r``."""
-        raise NotImplementedError
+        """Keyword arguments of the layer's constructor besides ``base_layer`` and ``r``."""
+        return {setting: getattr(self, field) for field, setting in self.layer_settings.items()}
+
+    def shared_layer_kwargs(self, weights: list[torch.Tensor]) -> dict:
+        """Keyword arguments that every layer of one :func:`~pefttriton.inject` shares, built once
+        from the (out_features, in_features) base weights of its targets (VeRA's projections);
+        none by default."""
+        return {}
 
 
 @dataclass
-class VeRAConfig(_AdapterConfig):
+class VeRAConfig(AdapterConfig):
     """VeRA: ``W0 + diag(lambda_b) B diag(lambda_d) A`` with ``A``, ``B`` shared, frozen, from a seed.
 
     Args:
@@ -102,16 +126,17 @@ class VeRAConfig(_AdapterConfig):
     """
 
     r: int = 256
-    projection_seed: int = 0
-    d_initial: float = 0.1
+    projection_seed: int = layer_default(FusedVeRALinear, "projection_seed")
+    d_initial: float = layer_default(FusedVeRALinear, "d_initial")
 
-    adapter_type = "vera"
+    layer_class = FusedVeRALinear
+    layer_settings = {"d_initial": "d_initial"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int):
             raise TypeError(f"projection_seed must be an int, got {type(self.projection_seed).__name__}")
-        _check_finite("d_initial", self.d_initial)
+        check_finite("d_initial", self.d_initial)
 
     @property
     def projection_prng_key(self) -> int:
@@ -122,12 +147,21 @@ class VeRAConfig(_AdapterConfig):
     def projection_prng_key(self, value: int) -> None:
         self.projection_seed = value
 
-    def layer_kwargs(self) -> dict:
-        return {"d_initial": float(self.d_initial)}
+    def shared_layer_kwargs(self, weights: list[torch.Tensor]) -> dict:
+        """One :class:`VeRAProjections` of rank ``r`` sized to the largest in- and out-features
+        among the targets (PEFT's ``_find_dim``), drawn from ``projection_seed`` as PEFT draws them."""
+        kinds = {(w.dtype, w.device) for w in weights}
+        if len(kinds) != 1:
+            raise ValueError(f"VeRA layers share one projection pair, so targets must share dtype and device; got {kinds}")
+        dtype, device = kinds.pop()
+        max_out = max(w.shape[0] for w in weights)
+        max_in = max(w.shape[1] for w in weights)
+        projections = VeRAProjections(self.r, max_in, max_out, seed=self.projection_seed, dtype=dtype, device=device)
+        return {"projections": projections}
 
 
 @dataclass
-class LoRAConfig(_AdapterConfig):
+class LoRAConfig(AdapterConfig):
     """LoRA: ``W0 + (lora_alpha / r) B A``.
 
     Args:
@@ -136,97 +170,73 @@ class LoRAConfig(_AdapterConfig):
         modules_to_save: modules that train in full beside the adapters (a classification head).
         lora_alpha: scale numerator (PEFT's default 8); the module's ``alpha``.
         lora_dropout: dropout on the adapter input (PEFT's default 0); the module's ``dropout``.
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` (PEFT's ``use_rslora``).
     """
 
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = layer_default(FusedLoRALinear, "alpha")
+    lora_dropout: float = layer_default(FusedLoRALinear, "dropout")
+    use_rslora: bool = layer_default(FusedLoRALinear, "use_rslora")
 
-    adapter_type = "lora"
+    layer_class = FusedLoRALinear
+    layer_settings = {"lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "use_rslora"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_finite("lora_alpha", self.lora_alpha)
-        _check_finite("lora_dropout", self.lora_dropout)
+        check_finite("lora_alpha", self.lora_alpha)
+        check_finite("lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-
-    def layer_kwargs(self) -> dict:
-        return {"alpha": float(self.lora_alpha), "dropout": float(self.lora_dropout)}
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
 
 
 @dataclass
-class DeepLoRAConfig(_AdapterConfig):
+class DeepLoRAConfig(AdapterConfig):
     """Deep LoRA: ``W0 + W3 W2 W1`` (compressed three-factor update).
 
     Args:
         r: compressed width (the authors use 8).
         target_modules, exclude_modules: which layers to adapt.
         modules_to_save: modules that train in full beside the adapters (a classification head).
-        eps: initialisation scale; None takes the module's default (the authors' 1e-3).
+        eps: initialisation scale (the authors' 1e-3).
 
     After :func:`pefttriton.inject`, run :func:`pefttriton.deep_lora.compress_init` for the
     paper's initialisation and use :func:`pefttriton.deep_lora.discrepant_param_groups`.
     """
 
-    eps: float | None = None
+    eps: float = layer_default(FusedDeepLoRALinear, "eps")
 
-    adapter_type = "deep_lora"
+    layer_class = FusedDeepLoRALinear
+    layer_settings = {"eps": "eps"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.eps is not None:
-            _check_finite("eps", self.eps)
-            if self.eps <= 0:
-                raise ValueError(f"eps must be positive, got {self.eps!r}")
-
-    def layer_kwargs(self) -> dict:
-        return {} if self.eps is None else {"eps": float(self.eps)}
+        check_finite("eps", self.eps, positive=True)
 
 
 @dataclass
-class LoRMAConfig(_AdapterConfig):
+class LoRMAConfig(AdapterConfig):
     """LoRMA: multiplicative ``(I + s B A) W0`` ("plus"), ``s shift(B A) W0`` ("pi") or ``s B A W0`` ("naive").
 
     Args:
         r: rank.
         target_modules, exclude_modules: which layers to adapt.
         modules_to_save: modules that train in full beside the adapters (a classification head).
-        alpha: scale numerator, ``s = alpha / r``; None takes the module's default.
+        alpha: scale numerator, ``s = alpha / r`` (the authors' MetaMathQA default 16).
         variant: ``"plus"``, ``"pi"`` or ``"naive"``.
     """
 
-    alpha: float | None = None
-    variant: str = "plus"
+    alpha: float = layer_default(FusedLoRMALinear, "alpha")
+    variant: str = layer_default(FusedLoRMALinear, "variant")
 
-    adapter_type = "lorma"
+    layer_class = FusedLoRMALinear
+    layer_settings = {"alpha": "alpha", "variant": "variant"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.alpha is not None:
-            _check_finite("alpha", self.alpha)
+        check_finite("alpha", self.alpha, positive=True)
         if self.variant not in ("plus", "pi", "naive"):
             raise ValueError(f"variant must be 'plus', 'pi' or 'naive', got {self.variant!r}")
 
-    def layer_kwargs(self) -> dict:
-        kwargs = {"variant": self.variant}
-        if self.alpha is not None:
-            kwargs["alpha"] = float(self.alpha)
-        return kwargs
 
-
-CONFIG_CLASSES: dict[str, type[_AdapterConfig]] = {
-    cls.adapter_type: cls for cls in (VeRAConfig, LoRAConfig, DeepLoRAConfig, LoRMAConfig)
-}
-"""``adapter_type`` -> config class."""
-
-
-def config_from_dict(data: dict) -> _AdapterConfig:
-    """Inverse of ``config.to_dict()``."""
-    if not isinstance(data, dict) or data.get("adapter_type") not in CONFIG_CLASSES:
-        raise ValueError(f"not a pefttriton adapter config: {data!r}")
-    cls = CONFIG_CLASSES[data["adapter_type"]]
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
-
-
-__all__ = ["VeRAConfig", "LoRAConfig", "DeepLoRAConfig", "LoRMAConfig", "config_from_dict", "CONFIG_CLASSES"]
+__all__ = ["AdapterConfig", "VeRAConfig", "LoRAConfig", "DeepLoRAConfig", "LoRMAConfig", "layer_default"]

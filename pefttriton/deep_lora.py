@@ -68,9 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttriton.merging import AdditiveMergeMixin
-from pefttriton.ops import lowrank_linear
-from pefttriton.ops.validation import check_base_and_rank
+from pefttriton.adapter_layer import AdapterLayer, LowRank
 
 DEFAULT_EPS = 1e-3
 """Initialisation scale: the authors' ``lora_init_scale`` (dlt/configs.py and every script)."""
@@ -146,16 +144,18 @@ def compression_factors(
     return eps * in_basis.T.contiguous(), eps * eye, eps * out_basis
 
 
-class FusedDeepLoRALinear(AdditiveMergeMixin, nn.Module):
+class FusedDeepLoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a compressed Deep LoRA adapter ``W3 W2 W1``, on the fused engine.
 
     Args:
         base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
         r: compressed width (the authors use 8).
         eps: initialisation scale (:data:`DEFAULT_EPS` = 1e-3, the authors' value).
+        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``W1`` (r, in_features), ``W2`` (r, r), ``W3`` (out_features, r), float32
-    (float64 for a float64 base layer): ``r^2`` more than LoRA of the same rank.
+    (float64 for a float64 base layer): ``r^2`` more than LoRA of the same rank. Engine:
+    ``A = W2 @ W1`` (r*r*n flops per step, independent of the tokens), ``B = W3``, ``scale = 1``.
 
     Initialisation: until :func:`compress_init` runs, each factor is an independent scaled
     orthogonal matrix (``torch.nn.init.orthogonal_(gain=eps)``): the narrow "Random" factorisation
@@ -165,51 +165,30 @@ class FusedDeepLoRALinear(AdditiveMergeMixin, nn.Module):
     base layer.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, *, eps: float = DEFAULT_EPS) -> None:
-        super().__init__()
-        check_base_and_rank(base_layer, r)
+    adapter_type = "deep_lora"
+    adapter_layer_names = ("W1", "W2", "W3")
+    settings = ("eps",)
+
+    def __init__(self, base_layer: nn.Linear, r: int, *, eps: float = DEFAULT_EPS, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)
         self.eps = _check_eps(eps)
-        weight = base_layer.weight
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
-        self.r = r
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        kw = {"device": weight.device, "dtype": dtype}
+        kw = self._new_param_kwargs()
         self.W1 = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.W2 = nn.Parameter(torch.empty(r, r, **kw))
         self.W3 = nn.Parameter(torch.empty(self.out_features, r, **kw))
         for factor in (self.W1, self.W2, self.W3):
             nn.init.orthogonal_(factor, gain=self.eps)
-        self.merged = False
         # Set only inside compress_init: forward then runs the plain base layer with this leaf as
         # its weight, so the gradient with respect to W (at W0) can be read off.
         self._probe_weight: torch.Tensor | None = None
 
-    def prepared(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's ``A = W2 @ W1`` (r, in_features) and ``B = W3``, in the base layer's dtype."""
-        dtype = self.base_layer.weight.dtype
-        return (self.W2 @ self.W1).to(dtype), self.W3.to(dtype)
+    def engine_inputs(self, dtype: torch.dtype) -> LowRank:
+        return LowRank((self.W2 @ self.W1).to(dtype), self.W3.to(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) in the base layer's dtype -> (..., out_features)."""
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._probe_weight is not None:
             return F.linear(x, self._probe_weight, self.base_layer.bias)
-        if self.merged:
-            return self.base_layer(x)
-        A, B = self.prepared()
-        return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, scale=1.0)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``W3 @ W2 @ W1``, (out_features, in_features), fp32 (fp64 for an fp64 layer)."""
-        return self.W3 @ (self.W2 @ self.W1)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"eps={self.eps:g}, merged={self.merged}"
-        )
+        return super().adapted_forward(x)
 
 
 def _deep_lora_layers(model: nn.Module) -> list[tuple[str, FusedDeepLoRALinear]]:

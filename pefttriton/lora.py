@@ -12,14 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttriton.merging import AdditiveMergeMixin
-from pefttriton.ops import lowrank_linear
-from pefttriton.ops.validation import check_base_and_rank
-
-
-def _param_dtype(weight: torch.Tensor) -> torch.dtype:
-    # fp32 trainable factors (fp64 for an fp64 layer): 16-bit parameters lose small updates.
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
 
 
 def _peft_lora_A(r: int, in_features: int, out_features: int) -> torch.Tensor:
@@ -36,7 +29,7 @@ def _peft_lora_A(r: int, in_features: int, out_features: int) -> torch.Tensor:
     return draws[2]
 
 
-class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
+class FusedLoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a LoRA adapter, computed by the fused engine.
 
     Args:
@@ -44,6 +37,8 @@ class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
         r: LoRA rank.
         alpha: LoRA alpha; the adapter is scaled by ``scale = alpha / r`` (PEFT's default 8).
         dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
+        use_rslora: ``scale = alpha / sqrt(r)`` instead (rank-stabilised LoRA, PEFT's ``use_rslora``).
+        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r), float32
     (float64 for a float64 base layer); they are cast to the base layer's dtype for the op.
@@ -57,47 +52,70 @@ class FusedLoRALinear(AdditiveMergeMixin, nn.Module):
     tensor.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 8.0, dropout: float = 0.0) -> None:
-        super().__init__()
-        check_base_and_rank(base_layer, r)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        weight = base_layer.weight
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
-        self.r = r
-        self.alpha = float(alpha)
-        self.scale = self.alpha / r
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self.dropout_p = float(dropout)
+    adapter_type = "lora"
+    adapter_layer_names = ("lora_A", "lora_B")
+    settings = ("alpha", "dropout", "use_rslora")
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        *,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        fan_in_fan_out: bool = False,
+    ) -> None:
+        super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.dropout = dropout
+        self.lora_A = nn.Parameter(_peft_lora_A(r, self.in_features, self.out_features).to(**self._new_param_kwargs()))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **self._new_param_kwargs()))
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_finite("alpha", value)
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"use_rslora must be a bool, got {value!r}")
+        self._use_rslora = value
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (PEFT's ``scaling``)."""
+        return self._alpha / (math.sqrt(self.r) if self._use_rslora else self.r)
+
+    @property
+    def dropout(self) -> float:
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
+        self._dropout = float(value)
         # PEFT uses nn.Identity for p == 0; so does this layer, and then the fused path always runs.
-        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
-        dtype = _param_dtype(weight)
-        self.lora_A = nn.Parameter(_peft_lora_A(r, self.in_features, self.out_features).to(weight.device, dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device, dtype=dtype))
-        self.merged = False
+        module = nn.Dropout(p=self._dropout) if self._dropout > 0.0 else nn.Identity()
+        self.lora_dropout = module.train(self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) in the base layer's dtype -> (..., out_features)."""
-        if self.merged:
-            return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        A = self.lora_A.to(weight.dtype)
-        B = self.lora_B.to(weight.dtype)
-        if self.dropout_p > 0.0 and self.training:
+    def engine_inputs(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.lora_A.to(dtype), self.lora_B.to(dtype), scale=self.scale)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dropout > 0.0 and self.training:
             # Unfused on purpose: the base GEMM needs x and the adapter dropout(x) (see class doc).
-            return F.linear(x, weight, bias) + self.scale * F.linear(F.linear(self.lora_dropout(x), A), B)
-        return lowrank_linear(x, weight, bias, A, B, scale=self.scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * B @ A``, (out_features, in_features), fp32 (fp64 for an fp64 layer)."""
-        return self.scale * (self.lora_B @ self.lora_A)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha:g}, dropout={self.dropout_p:g}, merged={self.merged}"
-        )
+            A, B, _, _, scale = self.engine_inputs(self.base_layer.weight.dtype)
+            base = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+            return base + scale * F.linear(F.linear(self.lora_dropout(x), A), B)
+        return super().adapted_forward(x)

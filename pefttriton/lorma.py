@@ -36,10 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pefttriton.merging import check_finite_merge, untie_before_merge
+from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
-from pefttriton.ops.lowrank_linear import lowrank_linear
-from pefttriton.ops.validation import check_base_and_rank
 
 VARIANTS = ("plus", "pi", "naive")
 # LoRMA+ unmerges by the Woodbury identity when T = I + s B A is at most this ill-conditioned;
@@ -49,7 +47,7 @@ VARIANTS = ("plus", "pi", "naive")
 WOODBURY_MAX_COND = 10.0
 
 
-class FusedLoRMALinear(nn.Module):
+class FusedLoRMALinear(AdapterLayer):
     """A frozen ``nn.Linear`` with a LoRMA adapter: ``y = x (T W0)^T + bias``.
 
     Args:
@@ -58,6 +56,7 @@ class FusedLoRMALinear(nn.Module):
         alpha: scaling numerator, ``s = alpha / r`` (> 0).
         variant: ``"plus"`` (``T = I + s B A``), ``"pi"`` (``T = s shift(B A)``) or ``"naive"``
             (``T = s B A``); see the module docstring.
+        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lorma_A`` (r, out_features) and ``lorma_B`` (out_features, r), float32
     (float64 for a float64 base layer). Inputs must have the base layer's dtype.
@@ -71,30 +70,37 @@ class FusedLoRMALinear(nn.Module):
     r x r solve), within about ``cond(T) * eps`` of ``W0``. Do not change the factors while merged.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 16.0, variant: str = "plus") -> None:
-        super().__init__()
-        check_base_and_rank(base_layer, r)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive finite float, got {alpha!r}")
+    adapter_type = "lorma"
+    adapter_layer_names = ("lorma_A", "lorma_B")
+    settings = ("alpha", "variant")
+    fixed_settings = ("variant",)
+
+    def __init__(
+        self, base_layer: nn.Linear, r: int, *, alpha: float = 16.0, variant: str = "plus", fan_in_fan_out: bool = False
+    ) -> None:
+        super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)
+        self.alpha = alpha
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
-        self.r = r
-        self.alpha = float(alpha)
-        self.scale = self.alpha / r
         self.variant = variant
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        weight = base_layer.weight
-        # fp32 factors (fp64 for an fp64 layer): 16-bit trainable parameters lose their updates.
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         m = self.out_features
-        self.lorma_A = nn.Parameter(torch.zeros(r, m, device=weight.device, dtype=dtype))
-        self.lorma_B = nn.Parameter(torch.zeros(m, r, device=weight.device, dtype=dtype))
+        self.lorma_A = nn.Parameter(torch.zeros(r, m, **self._new_param_kwargs()))
+        self.lorma_B = nn.Parameter(torch.zeros(m, r, **self._new_param_kwargs()))
         self.register_buffer("base_weight_copy", None, persistent=False)  # W0 while merged, if kept
-        self.merged = False
         self.reset_parameters()
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_finite("alpha", value, positive=True)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``."""
+        return self._alpha / self.r
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -116,33 +122,31 @@ class FusedLoRMALinear(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features)."""
-        if self.merged:
-            return self.base_layer(x)
+    def engine_inputs(self, dtype: torch.dtype) -> LowRank:
+        """plus and naive: ``A_eff = A W0`` (r, in_features), formed each step (r m n FMAs), ``B``, ``s``."""
+        weight = self.base_layer.weight
+        return LowRank(self.lorma_A.to(dtype) @ weight.to(dtype), self.lorma_B.to(dtype), scale=self.scale)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if self.variant == "pi":
             return lorma_pi_linear(x, weight, bias, self.lorma_A, self.lorma_B, scale=self.scale)
-        a_eff = self.lorma_A.to(weight.dtype) @ weight  # A W0, (r, in_features): r m n FMAs
-        B = self.lorma_B.to(weight.dtype)
         if self.variant == "plus":
-            return lowrank_linear(x, weight, bias, a_eff, B, scale=self.scale)
-        return F.linear(F.linear(x, a_eff), B * self.scale, bias)
+            return super().adapted_forward(x)
+        a_eff, B, _, _, scale = self.engine_inputs(weight.dtype)  # naive: no base GEMM at all
+        return F.linear(F.linear(x, a_eff), B * scale, bias)
 
     # ------------------------------------------------------------------------ the update
-
-    def _param_dtype(self) -> torch.dtype:
-        return self.lorma_A.dtype
 
     def base_weight(self) -> torch.Tensor:
         """``W0`` (out_features, in_features) in the factors' dtype, also while merged."""
         weight = self.base_layer.weight
         if not self.merged:
-            return weight.to(self._param_dtype())
+            return weight.to(self.param_dtype)
         if self.base_weight_copy is not None:
-            return self.base_weight_copy.to(self._param_dtype())
+            return self.base_weight_copy.to(self.param_dtype)
         self._check_invertible()
-        return self._woodbury_unmerged(weight.to(self._param_dtype()))
+        return self._woodbury_unmerged(weight.to(self.param_dtype))
 
     def multiplier(self) -> torch.Tensor:
         """The (m, m) multiplier ``T`` with ``W = T W0``; for analysis (forward never forms it for plus/naive)."""
@@ -222,8 +226,8 @@ class FusedLoRMALinear(nn.Module):
             return
         merged = self.adapted_weight()
         if safe_merge:
-            check_finite_merge(self, merged)
-        untie_before_merge(self)
+            self.check_finite_merge(merged)
+        self.untie_before_merge()
         weight = self.base_layer.weight
         invertible = (
             self.variant == "plus"
@@ -247,7 +251,7 @@ class FusedLoRMALinear(nn.Module):
             self.base_weight_copy = None
         else:
             self._check_invertible()
-            weight.copy_(self._woodbury_unmerged(weight.to(self._param_dtype())).to(weight.dtype))
+            weight.copy_(self._woodbury_unmerged(weight.to(self.param_dtype)).to(weight.dtype))
         self.merged = False
 
     # ------------------------------------------------------------------------------ costs
@@ -267,9 +271,3 @@ class FusedLoRMALinear(nn.Module):
         if self.variant == "plus":
             return lowrank
         return lowrank - (2 if training else 1) * N * m * n
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha}, variant={self.variant!r}, merged={self.merged}"
-        )

@@ -12,7 +12,7 @@ Out:
   PEFT's format, so ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it.
 
 Modules that train in full beside the adapters (PEFT's ``modules_to_save``, pefttriton's
-:func:`pefttriton.injection.modules_to_save`) cross both ways: imported, they hold the trained
+:func:`pefttriton.surgery.modules_to_save`) cross both ways: imported, they hold the trained
 tensors of the chosen adapter, train and are recorded; exported, the recorded ones and the owner
 of any other trainable non-adapter parameter (a head unfrozen by hand) are written with their
 tensors, and ``task_type`` stays None, so PEFT wraps exactly those (a ``SEQ_CLS`` task type would
@@ -64,7 +64,6 @@ dropout during training (dropout is off in eval, so inference is unaffected; a w
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
@@ -73,17 +72,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pefttriton.injection import (
+from pefttriton.registry import adapter_of
+from pefttriton.surgery import (
+    adapter_layers,
     add_modules_to_save,
-    adapter_parameters,
-    adapter_type_of,
-    build_layer,
+    as_linear,
     freeze_all_but_adapters,
-    fused_layers,
+    has_submodule,
     is_conv1d,
-    linear_from_conv1d,
     modules_to_save,
     replace_module,
+    wrap,
 )
 from pefttriton.vera import VeRAProjections
 
@@ -116,25 +115,13 @@ _IGNORED_PROJECTIONS_WARNING = (
 # ------------------------------------------------------------------------------ shared helpers
 
 
-def _base_linear(model: nn.Module, name: str) -> tuple[nn.Linear, bool]:
-    """The ``nn.Linear`` to wrap at ``name`` (converted from a Conv1D) and whether it was a Conv1D."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError as exc:
-        raise ValueError(f"the adapter names module {name!r}, which the model does not have") from exc
-    if is_conv1d(module):
-        return linear_from_conv1d(module), True
-    if isinstance(module, nn.Linear):
-        return module, False
-    raise TypeError(f"the adapter targets {name!r}, a {type(module).__name__}; only nn.Linear and Conv1D are supported")
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+def _check_target(model: nn.Module, name: str) -> None:
+    """The adapter's module ``name`` exists and is an ``nn.Linear`` or ``Conv1D``; else a clear error."""
+    if not has_submodule(model, name):
+        raise ValueError(f"the adapter names module {name!r}, which the model does not have")
+    module = model.get_submodule(name)
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        as_linear(module, f"the adapter targets {name}")  # raises the TypeError
 
 
 def _inside(name: str, outer: str) -> bool:
@@ -178,25 +165,15 @@ def _copy_module_tensors(module: nn.Module, name: str, tensors: dict[str, torch.
             own[key].copy_(value)
 
 
-def _install(model: nn.Module, adapter_type: str, layers: dict[str, dict], projections=None) -> nn.Module:
-    """Wrap each named layer, copy its tensors in, freeze all but adapters and modules to save.
+def _install(model: nn.Module, adapter_type: str, layers: dict[str, dict], shared: dict | None = None) -> nn.Module:
+    """Wrap each named layer with its tensors, then freeze all but adapters and modules to save.
 
-    ``layers[name]`` holds ``r``, ``kwargs`` for the module, ``tensors`` ({param name: tensor}) and
-    optionally ``scale`` (LoRA with rsLoRA scaling).
+    ``layers[name]`` holds ``r``, ``kwargs`` for the layer and ``tensors`` ({param name: tensor});
+    ``shared`` holds keyword arguments every layer shares (VeRA's ``projections``).
     """
     for name, spec in layers.items():
-        base, conv = _base_linear(model, name)
-        layer = build_layer(adapter_type, base, spec["r"], spec.get("kwargs"), projections)
-        layer.fan_in_fan_out = conv
-        if "scale" in spec:
-            layer.scale = float(spec["scale"])
-        with torch.no_grad():
-            for pname, value in spec["tensors"].items():
-                param = getattr(layer, pname)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"{name}.{pname}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
-                param.copy_(value)
-        replace_module(model, name, layer)
+        _check_target(model, name)
+        wrap(model, name, adapter_type, spec["r"], {**spec["kwargs"], **(shared or {})}, tensors=spec["tensors"])
     freeze_all_but_adapters(model)
     return model
 
@@ -221,7 +198,7 @@ def from_peft_model(peft_model: nn.Module, adapter_name: str = "default", *, pro
       ``Conv1D``, an embedding...);
     * a ``ModulesToSaveWrapper`` becomes its trained copy for ``adapter_name``
       (``modules_to_save[adapter_name]``), trainable and recorded with
-      :func:`pefttriton.injection.add_modules_to_save`; one without that adapter becomes its
+      :func:`pefttriton.surgery.add_modules_to_save`; one without that adapter becomes its
       original module.
 
     The checks run before the model changes: an unsupported or merged layer raises and leaves it
@@ -311,8 +288,8 @@ def from_peft_model(peft_model: nn.Module, adapter_name: str = "default", *, pro
                 "kwargs": {
                     "alpha": float(module.lora_alpha[adapter_name]),
                     "dropout": float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+                    "use_rslora": bool(module.use_rslora.get(adapter_name, False)),
                 },
-                "scale": float(module.scaling[adapter_name]),
                 "tensors": {
                     "lora_A": module.lora_A[adapter_name].weight.detach(),
                     "lora_B": module.lora_B[adapter_name].weight.detach(),
@@ -347,7 +324,7 @@ def from_peft_model(peft_model: nn.Module, adapter_name: str = "default", *, pro
     if save_names:
         add_modules_to_save(model, save_names)  # freeze_all_but_adapters (in _install) keeps them trainable
     if vera:
-        _install(model, "vera", vera, projections)
+        _install(model, "vera", vera, {"projections": projections})
     if lora:
         _install(model, "lora", lora)
     return model
@@ -454,7 +431,7 @@ def load_peft_adapter(
     Returns:
         ``model``, with fused layers where the adapter has tensors; the modules named by the
         config's ``modules_to_save`` hold the stored tensors, train and are recorded
-        (:func:`pefttriton.injection.modules_to_save`); everything else is frozen.
+        (:func:`pefttriton.surgery.modules_to_save`); everything else is frozen.
 
     VeRA follows PEFT's ``save_projection``: true, the stored ``vera_A`` / ``vera_B`` are used
     and must be present; false, they are redrawn from ``projection_prng_key`` sized to the
@@ -489,7 +466,7 @@ def load_peft_adapter(
         _copy_module_tensors(model.get_submodule(name), name, tensors)
     if saved:
         add_modules_to_save(model, list(saved))  # freeze_all_but_adapters (in _install) keeps them trainable
-    return _install(model, adapter_type, layers, projections)
+    return _install(model, adapter_type, layers, {"projections": projections} if projections is not None else None)
 
 
 def _vera_layers(model, state_dict, cfg) -> tuple[dict, VeRAProjections]:
@@ -502,9 +479,8 @@ def _vera_layers(model, state_dict, cfg) -> tuple[dict, VeRAProjections]:
         )
     shapes = {}  # name -> (in_features, out_features), without converting Conv1D layers yet
     for name in parts:
-        module = model.get_submodule(name) if _has_module(model, name) else None
-        if module is None or not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            _base_linear(model, name)  # raises the error that fits
+        _check_target(model, name)
+        module = model.get_submodule(name)
         shapes[name] = tuple(module.weight.shape) if is_conv1d(module) else (module.in_features, module.out_features)
     like = model.get_submodule(next(iter(parts))).weight
     A, B = state_dict.get(_VERA_A), state_dict.get(_VERA_B)
@@ -547,14 +523,8 @@ def _lora_layers(state_dict, cfg) -> dict:
     for name, p in parts.items():
         r = p["lora_A.weight"].shape[0]
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
-        spec = {
-            "r": r,
-            "kwargs": {"alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0))},
-            "tensors": {"lora_A": p["lora_A.weight"], "lora_B": p["lora_B.weight"]},
-        }
-        if cfg.get("use_rslora"):
-            spec["scale"] = alpha / math.sqrt(r)
-        layers[name] = spec
+        kwargs = {"alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora"))}
+        layers[name] = {"r": r, "kwargs": kwargs, "tensors": {"lora_A": p["lora_A.weight"], "lora_B": p["lora_B.weight"]}}
     return layers
 
 
@@ -578,10 +548,10 @@ def _pattern_key(name: str) -> str:
 def _export_modules_to_save(model: nn.Module, adapted: list[str]) -> list[str]:
     """Full names of the modules to save in PEFT's format (outermost only).
 
-    The recorded :func:`pefttriton.injection.modules_to_save` plus the owning module of every
+    The recorded :func:`pefttriton.surgery.modules_to_save` plus the owning module of every
     other trainable parameter that is not an adapter's (a head unfrozen by hand).
     """
-    adapter_ids = {id(p) for _, layer in fused_layers(model) for p in adapter_parameters(layer).values()}
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters().values()}
     wanted = list(modules_to_save(model))
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in adapter_ids:
@@ -615,7 +585,7 @@ def _export_modules_to_save(model: nn.Module, adapted: list[str]) -> list[str]:
 def _peft_view_names(model: nn.Module, kind: str) -> list[str]:
     """The module names PEFT's ``_set_trainable`` walks in the model ``PeftModel`` builds from a
     fresh base: this model's names, with each fused layer's inside replaced by PEFT's."""
-    fused = {name for name, _ in fused_layers(model)}
+    fused = {name for name, _ in adapter_layers(model)}
     names = []
     for name, _ in model.named_modules(remove_duplicate=False):  # PEFT keeps duplicates (tied modules)
         if any(name.startswith(layer + ".") for layer in fused):
@@ -688,16 +658,16 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
     Names (see the module docstring for PEFT's matching rules): ``target_modules`` is one regex
     that matches exactly the fused layers; ``rank_pattern`` / ``alpha_pattern`` keys match one
     layer each; ``modules_to_save`` names exactly the recorded modules to save
-    (:func:`pefttriton.injection.modules_to_save`) and the owners of any other trainable
+    (:func:`pefttriton.surgery.modules_to_save`) and the owners of any other trainable
     non-adapter parameter, whose ``state_dict()`` tensors are written as
     ``base_model.model.<module>.<key>`` in their own dtype. ``task_type`` stays None: then
     ``PeftModel.from_pretrained`` builds a plain ``PeftModel``, which wraps exactly those
     modules (a task type such as ``SEQ_CLS`` would add its own ``classifier`` / ``score``).
     """
-    layers = fused_layers(model)
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no fused adapter layer")
-    kinds = {adapter_type_of(layer) for _, layer in layers}
+    kinds = {adapter_of(layer).name for _, layer in layers}
     if len(kinds) != 1:
         raise ValueError(f"a PEFT adapter holds one kind of adapter; the model mixes {sorted(kinds)}")
     kind = kinds.pop()
@@ -710,7 +680,7 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
     peft_kind = "vera" if kind == "vera" else "lora"
     save_names = _export_modules_to_save(model, names)
     save_entries = _modules_to_save_entries(model, save_names, names, peft_kind) if save_names else None
-    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers)
+    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in layers)
     common = {
         "base_model_name_or_path": None,
         "bias": "none",
@@ -737,7 +707,7 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
         # PEFT's config has one d_initial. It only sets lambda_d before the saved values overwrite
         # it, so it never changes what PEFT computes; still, a config value that misdescribes a
         # layer is refused rather than silently picked.
-        d_initials = {float(getattr(layer, "d_initial", 0.1)) for _, layer in layers}
+        d_initials = {layer.d_initial for _, layer in layers}
         if len(d_initials) != 1:
             raise ValueError(
                 f"PEFT's VeRA config has one d_initial; the model's VeRA layers have {sorted(d_initials)}. Set "
@@ -780,22 +750,19 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
             "layers_pattern": None,
         }
         return state, config
-    if len({getattr(layer, "dropout_p", 0.0) for _, layer in layers}) > 1:
+    if len({getattr(layer, "dropout", 0.0) for _, layer in layers}) > 1:
         raise ValueError("PEFT's LoRA has one lora_dropout for all layers; the model's layers use different ones")
     # PEFT recomputes scaling = lora_alpha / r (or / sqrt(r) with use_rslora, one flag for all
     # layers). Write alpha itself when that reproduces each layer's scale exactly; otherwise
-    # alpha = scale * r, which may differ from the layer's scale in the last bit.
-    use_rslora = kind == "lora" and all(
-        layer.scale == layer.alpha / math.sqrt(layer.r) != layer.alpha / layer.r for _, layer in layers
-    )
+    # (layers that differ in use_rslora) alpha = scale * r, which may differ in the last bit.
+    use_rslora = kind == "lora" and all(layer.use_rslora for _, layer in layers)
     ranks, alphas = {}, {}
     for name, layer in layers:
         if kind == "lora":
-            A, B, alpha = layer.lora_A, layer.lora_B, layer.scale * layer.r
-            if use_rslora or layer.alpha / layer.r == layer.scale:
-                alpha = layer.alpha
+            A, B = layer.lora_A, layer.lora_B
+            alpha = layer.alpha if layer.use_rslora == use_rslora else layer.scale * layer.r
         else:
-            A, B = layer.prepared()
+            A, B = layer.engine_inputs(torch.float32)[:2]
             alpha = float(layer.r)
         state[f"{_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
         state[f"{_PREFIX}{name}.lora_B.weight"] = B.detach().float().contiguous()
@@ -806,7 +773,7 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
         "peft_type": "LORA",
         "r": r0,
         "lora_alpha": alpha0,
-        "lora_dropout": float(getattr(layers[0][1], "dropout_p", 0.0)),
+        "lora_dropout": float(getattr(layers[0][1], "dropout", 0.0)),
         "rank_pattern": {_pattern_key(name): r for name, r in ranks.items() if r != r0},
         "alpha_pattern": {_pattern_key(name): a for name, a in alphas.items() if a != alpha0},
         "use_rslora": use_rslora,

@@ -9,13 +9,11 @@
 * for VeRA, the seed and sizes of each shared projection pair instead of the pair itself
   (the projections are redrawn on load, bit-identically, by the same CPU generator). A pair that
   cannot be redrawn from its seed (loaded from a PEFT checkpoint made elsewhere, say) is stored;
-* in the safetensors metadata (key ``"pefttriton"``, JSON): per fused layer its adapter type, rank,
-  every constructor argument (``"kwargs"``: VeRA ``d_initial``; LoRA ``alpha``, ``dropout``;
-  Deep LoRA ``eps``; LoRMA ``alpha``, ``variant``), the settings made after construction (LoRA
-  ``"scale"``, which rsLoRA sets to ``alpha / sqrt(r)``), its merged flag and whether it came from
-  GPT-2's ``Conv1D``; which saved tensors train; and the model's modules to save
-  (:func:`pefttriton.injection.modules_to_save`), recorded again on load. ``_LAYER_FIELDS`` below is the one table of
-  these settings.
+* in the safetensors metadata (key ``"pefttriton"``, JSON): per adapter layer its adapter type,
+  rank, settings (``"kwargs"``: the layer class's ``settings``, e.g. LoRA ``alpha``, ``dropout``,
+  ``use_rslora``), its merged flag and whether it came from GPT-2's ``Conv1D``; which saved
+  tensors train; and the model's modules to save (:func:`pefttriton.surgery.modules_to_save`),
+  recorded again on load.
 
 Frozen base weights are not saved: :func:`load_adapter` applies the file to a model built the same
 way (same architecture, same base weights), injecting the fused layers itself where the model has
@@ -24,12 +22,10 @@ file holds is restored either way. Loading is all or nothing: the whole file is 
 the model first (on meta-device copies of the layers it would build) and the model is changed only
 when everything fits.
 
-Format version: still 1. The only field older files lack is VeRA's ``d_initial`` (older writers
-saved every other setting, but the loader ignored them on reused layers); every setting is
-optional when reading, and one the file lacks keeps today's behaviour (the constructor's default
-for an injected layer, the layer's own value for a reused one). Older pefttriton versions read the
-newer files too (they pass ``kwargs`` to the constructor), so a version bump would only lock them
-out for no reason.
+Format version: still 1. Older files may lack a setting (VeRA's ``d_initial``), which then keeps
+the constructor's default for an injected layer and the layer's own value for a reused one; their
+LoRA entries hold ``"scale"`` instead of ``use_rslora``, read as ``use_rslora`` when the scale is
+``alpha / sqrt(r)``.
 """
 
 from __future__ import annotations
@@ -37,103 +33,27 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from pefttriton.injection import (
+from pefttriton.adapter_layer import AdapterLayer
+from pefttriton.registry import adapter_of, adapters, get_adapter
+from pefttriton.surgery import (
+    adapter_layers,
     add_modules_to_save,
-    modules_to_save,
-    adapter_parameters,
-    adapter_type_of,
     build_layer,
-    fused_layer_classes,
-    fused_layers,
+    has_submodule,
     is_conv1d,
-    linear_from_conv1d,
-    replace_module,
+    modules_to_save,
+    wrap,
 )
 from pefttriton.vera import VeRAProjections
 
 FORMAT_VERSION = 1
 _META_KEY = "pefttriton"
 _PROJECTIONS_PREFIX = "__projections__."
-
-
-# ------------------------------------------------------------------------------ layer settings
-
-
-@dataclass(frozen=True)
-class _LayerField:
-    """One setting of a fused layer that the file keeps.
-
-    Attributes:
-        read: the value to save, from a layer (JSON-serialisable).
-        restore: puts a value (already validated, see below) on an existing layer; None when the
-            setting is part of the parameterisation (the saved tensors mean something else under
-            another value), so a reused layer must already have the file's value.
-        kwarg: a constructor keyword argument, saved under ``"kwargs"`` and validated by the
-            constructor; otherwise a setting made after construction, saved beside ``"kwargs"``,
-            whose ``restore`` validates the value itself.
-    """
-
-    read: Callable[[nn.Module], Any]
-    restore: Callable[[nn.Module, Any], None] | None
-    kwarg: bool = True
-
-
-def _set_attr(attr: str) -> Callable[[nn.Module, Any], None]:
-    def restore(layer: nn.Module, value: Any) -> None:
-        setattr(layer, attr, value)
-
-    return restore
-
-
-def _restore_alpha(layer: nn.Module, alpha: float) -> None:
-    # LoRA and LoRMA: the constructor derives scale = alpha / r.
-    layer.alpha = alpha
-    layer.scale = alpha / layer.r
-
-
-def _restore_lora_dropout(layer: nn.Module, p: float) -> None:
-    # As the constructor does: nn.Identity for p == 0 (the fused path then always runs). The new
-    # module follows the layer's train/eval mode.
-    layer.dropout_p = p
-    layer.lora_dropout = (nn.Dropout(p=p) if p > 0.0 else nn.Identity()).train(layer.training)
-
-
-def _restore_lora_scale(layer: nn.Module, scale: Any) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    layer.scale = float(scale)
-
-
-# adapter_type -> {field name: _LayerField}, in restore order (LoRA's alpha sets scale = alpha / r,
-# then a saved scale overrides it). A later refactor moves this knowledge into the layer classes.
-_LAYER_FIELDS: dict[str, dict[str, _LayerField]] = {
-    "vera": {"d_initial": _LayerField(lambda layer: layer.d_initial, _set_attr("d_initial"))},
-    "lora": {
-        "alpha": _LayerField(lambda layer: layer.alpha, _restore_alpha),
-        "dropout": _LayerField(lambda layer: layer.dropout_p, _restore_lora_dropout),
-        "scale": _LayerField(lambda layer: layer.scale, _restore_lora_scale, kwarg=False),
-    },
-    "deep_lora": {"eps": _LayerField(lambda layer: layer.eps, _set_attr("eps"))},
-    "lorma": {
-        "alpha": _LayerField(lambda layer: layer.alpha, _restore_alpha),
-        "variant": _LayerField(lambda layer: layer.variant, None),
-    },
-}
-
-
-def _layer_settings(adapter_type: str, layer: nn.Module) -> tuple[dict, dict]:
-    """``(constructor kwargs, settings made after construction)`` of ``layer``, as saved."""
-    fields = _LAYER_FIELDS[adapter_type]
-    kwargs = {name: f.read(layer) for name, f in fields.items() if f.kwarg}
-    extras = {name: f.read(layer) for name, f in fields.items() if not f.kwarg}
-    return kwargs, extras
 
 
 # ------------------------------------------------------------------------------ save
@@ -156,10 +76,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = fused_layers(model)
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no fused adapter layer to save")
-    adapter_ids = {id(p) for _, layer in layers for p in adapter_parameters(layer).values()}
+    adapter_ids = {id(p) for _, layer in layers for p in layer.adapter_parameters().values()}
     tensors, trainable = {}, []
     for name, p in model.named_parameters():
         if id(p) in adapter_ids or p.requires_grad:
@@ -170,15 +90,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     projections_meta = []
     layer_meta = {}
     for name, layer in layers:
-        kind = adapter_type_of(layer)
-        kwargs, extras = _layer_settings(kind, layer)
+        kind = adapter_of(layer).name
         entry = {
             "adapter_type": kind,
             "r": layer.r,
-            "kwargs": kwargs,
+            "kwargs": layer.get_settings(),
             "merged": bool(layer.merged),
-            "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
-            **extras,
+            "fan_in_fan_out": layer.fan_in_fan_out,
         }
         if kind == "vera":
             proj = layer.projections
@@ -264,28 +182,31 @@ def _check_projection_specs(specs, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the adapter file has projection tensors no stored projections entry names: {unknown[:8]}")
 
 
-def _check_layer_spec(name: str, spec, n_projections: int) -> tuple[str, int, dict, dict]:
-    """``(adapter_type, r, kwargs, extras)`` of one layer entry of the metadata, checked for form.
+def _check_layer_spec(name: str, spec, n_projections: int) -> tuple[str, int, dict]:
+    """``(adapter_type, r, settings)`` of one layer entry of the metadata, checked for form.
 
     The values themselves are checked by building the layer on the meta device (see :func:`_plan`).
     """
     if not isinstance(spec, dict):
         raise ValueError(f"layer {name!r}: the metadata entry must be a dict, got {type(spec).__name__}")
     kind = spec.get("adapter_type")
-    available = fused_layer_classes()
-    if not isinstance(kind, str) or kind not in _LAYER_FIELDS or kind not in available:
-        raise ValueError(f"layer {name!r}: adapter type {kind!r} is not available; available: {sorted(available)}")
+    if not isinstance(kind, str) or kind not in adapters():
+        raise ValueError(f"layer {name!r}: adapter type {kind!r} is not available; available: {sorted(adapters())}")
     r = spec.get("r")
     if not _is_int(r) or r < 1:
         raise ValueError(f"layer {name!r}: r must be a positive int, got {r!r}")
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"layer {name!r}: kwargs must be a dict, got {type(kwargs).__name__}")
-    fields = _LAYER_FIELDS[kind]
-    unknown = sorted(set(kwargs) - {f for f, field in fields.items() if field.kwarg})
+    kwargs = dict(kwargs)
+    layer_class = get_adapter(kind).layer_class
+    if kind == "lora" and "scale" in spec:  # older files; a newer one that has both must agree
+        use_rslora = _use_rslora_from_scale(name, spec["scale"], kwargs.get("alpha"), r)
+        if kwargs.setdefault("use_rslora", use_rslora) != use_rslora:
+            raise ValueError(f"layer {name!r}: scale {spec['scale']!r} contradicts use_rslora={kwargs['use_rslora']!r}")
+    unknown = sorted(set(kwargs) - set(layer_class.settings))
     if unknown:
-        raise ValueError(f"layer {name!r}: unknown {kind} constructor arguments {unknown} in the file")
-    extras = {f: spec[f] for f, field in fields.items() if not field.kwarg and f in spec}
+        raise ValueError(f"layer {name!r}: unknown {kind} settings {unknown} in the file")
     for flag in ("merged", "fan_in_fan_out"):
         if not isinstance(spec.get(flag, False), bool):
             raise ValueError(f"layer {name!r}: {flag} must be a bool, got {spec[flag]!r}")
@@ -295,7 +216,18 @@ def _check_layer_spec(name: str, spec, n_projections: int) -> tuple[str, int, di
             raise ValueError(
                 f"layer {name!r}: projections must index the file's {n_projections} projections entries, got {index!r}"
             )
-    return kind, r, dict(kwargs), extras
+    return kind, r, kwargs
+
+
+def _use_rslora_from_scale(name: str, scale, alpha, r: int) -> bool:
+    """Older files held LoRA's ``scale`` itself: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    if alpha is None or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"layer {name!r}: scale must be a float beside kwargs.alpha, got {scale!r}")
+    if scale == alpha / r:
+        return False
+    if scale == alpha / math.sqrt(r):
+        return True
+    raise ValueError(f"layer {name!r}: scale {scale!r} is neither alpha / r nor alpha / sqrt(r) (alpha={alpha!r}, r={r})")
 
 
 def _meta_linear(module: nn.Module) -> nn.Linear:
@@ -322,12 +254,11 @@ class _LayerPlan:
     name: str
     kind: str
     r: int
-    kwargs: dict  # constructor arguments from the file (validated)
+    kwargs: dict  # the settings the file holds (others keep today's behaviour), validated
     spec: dict
     module: nn.Module  # what the model holds at ``name`` now
-    reuse: bool  # ``module`` is a fused layer of the file's type and rank
-    meta: nn.Module  # the layer the file describes, built on the meta device with the file's settings
-    given: list[str]  # the settings the file holds (others keep today's behaviour)
+    reuse: bool  # ``module`` is an adapter layer of the file's type and rank
+    meta: AdapterLayer  # the layer the file describes, built on the meta device with its settings
     projections: VeRAProjections | None = None  # real shared projections (VeRA)
 
 
@@ -365,11 +296,11 @@ def _plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> lis
     untrained = [key for key in trainable if key not in tensors]
     if untrained:
         raise ValueError(f"the adapter file lists as trainable parameters it holds no tensor for: {untrained[:8]}")
-    existing_fused = [name for name, _ in fused_layers(model)]
+    existing_fused = [name for name, _ in adapter_layers(model)]
     shared: dict[int, VeRAProjections] = {}
     plans = []
     for name, spec in layers.items():
-        kind, r, kwargs, extras = _check_layer_spec(name, spec, len(projection_specs))
+        kind, r, kwargs = _check_layer_spec(name, spec, len(projection_specs))
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
@@ -377,7 +308,8 @@ def _plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> lis
         inside = [f for f in existing_fused if name.startswith(f + ".") or (f == "" and name)]
         if inside:
             raise ValueError(f"the adapter file names layer {name!r}, which lies inside the fused layer {inside[0]!r}")
-        existing = adapter_type_of(module)
+        entry = adapter_of(module)
+        existing = entry.name if entry is not None else None
         if existing is not None:
             if existing != kind or module.r != r:
                 raise ValueError(
@@ -417,27 +349,22 @@ def _plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> lis
             # A new layer gets the shared pair as it is (the constructor checks its dtype); a reused
             # one casts its slices to its own dtype.
             meta_projections = _meta_projections(projections, weight.dtype if existing else projections.vera_A.dtype)
+        shared_kwargs = {"projections": meta_projections} if kind == "vera" else {}
         try:
-            meta_layer = build_layer(kind, _meta_linear(base), r, kwargs, meta_projections)
-            for field_name, value in extras.items():
-                _LAYER_FIELDS[kind][field_name].restore(meta_layer, value)
+            meta_layer = build_layer(kind, _meta_linear(base), r, {**kwargs, **shared_kwargs})
         except (TypeError, ValueError) as exc:
             raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"layer {name!r}: {exc}") from exc
-        given = [f for f in _LAYER_FIELDS[kind] if f in kwargs or f in extras]
         if existing is not None:
-            for field_name in given:
-                field = _LAYER_FIELDS[kind][field_name]
-                old, new = field.read(module), field.read(meta_layer)
-                if field.restore is None and old != new:
+            for setting in module.fixed_settings:
+                old, new = getattr(module, setting), getattr(meta_layer, setting)
+                if setting in kwargs and old != new:
                     raise ValueError(
-                        f"layer {name!r} is a {kind} layer with {field_name}={old!r}; the file has "
-                        f"{field_name}={new!r}, which cannot be set on an existing layer without changing its "
+                        f"layer {name!r} is a {kind} layer with {setting}={old!r}; the file has "
+                        f"{setting}={new!r}, which cannot be set on an existing layer without changing its "
                         f"parameterisation (load into a model without this fused layer, or one built with "
-                        f"{field_name}={new!r})"
+                        f"{setting}={new!r})"
                     )
-        plans.append(
-            _LayerPlan(name, kind, r, kwargs, spec, module, existing is not None, meta_layer, given, projections)
-        )
+        plans.append(_LayerPlan(name, kind, r, kwargs, spec, module, existing is not None, meta_layer, projections))
     _check_tensors(model, tensors, plans)
     return plans
 
@@ -475,7 +402,7 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], plans: li
     if lacking:
         raise ValueError(f"the adapter file has tensors the model lacks: {lacking[:8]}")
     for plan in plans:
-        for pname in adapter_parameters(plan.meta):
+        for pname in plan.meta.adapter_parameters():
             key = _join(plan.name, pname)
             if key not in tensors:
                 raise ValueError(f"layer {plan.name!r}: the adapter file has no tensor for its parameter {key!r}")
@@ -493,7 +420,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ``model`` is built like the saved one: either plain (fused layers are injected where the file
     names them, each in the train/eval mode of the layer it replaces) or already holding fused
     layers of the same types and ranks (they are reused; LoRMA layers must also have the file's
-    variant). Every setting the file holds is restored (``_LAYER_FIELDS``), every saved tensor
+    variant). Every setting the file holds is restored (the layer class's ``settings``; its
+    ``fixed_settings`` must already agree), every saved tensor
     is copied exactly into the parameter of that name, VeRA projections are redrawn from their seed
     (or taken from the file), layers saved merged are merged again, and ``requires_grad`` ends up
     True exactly for the parameters that trained when saved.
@@ -514,34 +442,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     saved_modules = meta.get("modules_to_save", [])  # absent in older files
     if not isinstance(saved_modules, list) or not all(isinstance(name, str) for name in saved_modules):
         raise ValueError("the adapter file's 'modules_to_save' must be a list of module names")
-    missing = [name for name in saved_modules if not _has_submodule(model, name)]
+    missing = [name for name in saved_modules if not has_submodule(model, name)]
     if missing:
         raise ValueError(f"the adapter file's modules_to_save name modules the model does not have: {missing[:8]}")
     # From here on nothing can fail: every step was checked on the plan.
     to_merge = []
     for plan in plans:
-        fields = _LAYER_FIELDS[plan.kind]
+        shared_kwargs = {"projections": plan.projections} if plan.kind == "vera" else {}
         if plan.reuse:
             layer = plan.module
             if layer.merged:
                 layer.unmerge()
-            for field_name in plan.given:  # validated values, read off the meta layer
-                field = fields[field_name]
-                if field.restore is not None:
-                    field.restore(layer, field.read(plan.meta))
-            if plan.kind == "vera":
-                layer.projections = plan.projections
+            for setting in plan.kwargs:  # validated values, read off the meta layer
+                if setting not in layer.fixed_settings:
+                    setattr(layer, setting, getattr(plan.meta, setting))
+            for key, value in shared_kwargs.items():
+                setattr(layer, key, value)
         else:
-            module = plan.module
-            base = linear_from_conv1d(module) if is_conv1d(module) else module
-            layer = build_layer(plan.kind, base, plan.r, plan.kwargs, plan.projections)
-            for field_name in plan.given:
-                field = fields[field_name]
-                if not field.kwarg:
-                    field.restore(layer, field.read(plan.meta))
-            layer.train(module.training)  # a model in eval mode must not start dropping out
-            replace_module(model, plan.name, layer)
-        layer.fan_in_fan_out = plan.spec.get("fan_in_fan_out", False)
+            layer = wrap(model, plan.name, plan.kind, plan.r, {**plan.kwargs, **shared_kwargs})
         if plan.spec.get("merged", False):
             to_merge.append(layer)
     params = dict(model.named_parameters())
@@ -557,14 +475,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if saved_modules:
         add_modules_to_save(model, saved_modules)
     return model
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 __all__ = ["load_adapter", "read_adapter", "save_adapter"]

@@ -10,9 +10,7 @@ import math
 import torch
 from torch import nn
 
-from pefttriton.merging import AdditiveMergeMixin
-from pefttriton.ops import vera_linear
-from pefttriton.ops.validation import check_base_and_rank
+from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +83,7 @@ class VeRAProjections(nn.Module):
         return f"r={self.r}, max_in_features={self.max_in_features}, max_out_features={self.max_out_features}, seed={self.seed}"
 
 
-class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
+class FusedVeRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a VeRA adapter, computed by the fused engine.
 
     Args:
@@ -96,10 +94,16 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
             layer starts exactly at the base layer).
         projections: a :class:`VeRAProjections` shared with other layers; made from
             ``projection_seed`` and this layer's shape when None.
+        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lambda_d`` (r,) and ``lambda_b`` (out_features,), float32 (float64
-    for a float64 base layer).
+    for a float64 base layer). Engine: ``A``, ``B`` the projection slices, ``d = lambda_d``,
+    ``b = lambda_b``, ``scale = 1``.
     """
+
+    adapter_type = "vera"
+    adapter_layer_names = ("lambda_d", "lambda_b")
+    settings = ("d_initial",)
 
     def __init__(
         self,
@@ -109,11 +113,10 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
         projection_seed: int = 0,
         d_initial: float = 0.1,
         projections: VeRAProjections | None = None,
+        fan_in_fan_out: bool = False,
     ) -> None:
-        super().__init__()
-        check_base_and_rank(base_layer, r)
-        if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
-            raise ValueError(f"d_initial must be a finite float, got {d_initial!r}")
+        super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)
+        self.d_initial = check_finite("d_initial", d_initial)
         weight = base_layer.weight
         if projections is None:
             projections = VeRAProjections(
@@ -127,18 +130,9 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
                 f"projections are {projections.vera_A.dtype} on {projections.vera_A.device} but the base layer is "
                 f"{weight.dtype} on {weight.device}; build them with the base layer's dtype and device"
             )
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
         self.projections = projections
-        self.r = r
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        # fp32 vectors (fp64 for an fp64 layer): 16-bit trainable parameters lose their updates.
-        lambda_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.d_initial = float(d_initial)
-        self.lambda_d = nn.Parameter(torch.full((r,), self.d_initial, device=weight.device, dtype=lambda_dtype))
-        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=lambda_dtype))
-        self.merged = False
+        self.lambda_d = nn.Parameter(torch.full((r,), self.d_initial, **self._new_param_kwargs()))
+        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, **self._new_param_kwargs()))
 
     def projection_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``A`` (r, in_features) and ``B`` (out_features, r), in the base weight's dtype.
@@ -148,29 +142,21 @@ class FusedVeRALinear(AdditiveMergeMixin, nn.Module):
         only when they differ). A device mismatch is an error, since a copy per call across devices
         would be silently slow.
         """
+        return self._slices(self.base_layer.weight.dtype)
+
+    def _slices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = self.projections.slices(self.r, self.in_features, self.out_features)
-        weight = self.base_layer.weight
-        if A.device != weight.device:
+        device = self.base_layer.weight.device
+        if A.device != device:
             raise ValueError(
-                f"the shared VeRA projections are on {A.device} but this layer's base weight is on {weight.device}; "
+                f"the shared VeRA projections are on {A.device} but this layer's base weight is on {device}; "
                 "move the whole model (every layer sharing the projections) to one device"
             )
-        return A.to(weight.dtype), B.to(weight.dtype)
+        return A.to(dtype), B.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        A, B = self.projection_slices()
-        return vera_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.lambda_d, self.lambda_b)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``lambda_b * B @ (lambda_d * A)``, (out_features, in_features), in fp32 (fp64 for an fp64 layer)."""
-        A, B = self.projection_slices()
-        dtype = self.lambda_d.dtype
-        return (self.lambda_b[:, None] * B.to(dtype)) @ (self.lambda_d.to(dtype)[:, None] * A.to(dtype))
+    def engine_inputs(self, dtype: torch.dtype) -> LowRank:
+        A, B = self._slices(dtype)
+        return LowRank(A, B, self.lambda_d, self.lambda_b)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"seed={self.projections.seed}, d_initial={self.d_initial:g}, merged={self.merged}"
-        )
+        return f"{super().extra_repr()}, seed={self.projections.seed}"

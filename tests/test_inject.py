@@ -28,14 +28,10 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig, config_from_dict
-from pefttriton.injection import (
-    fused_layers,
-    inject,
-    matches,
-    merge_and_unload,
-    trainable_parameter_summary,
-)
+from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.injection import inject, merge_and_unload, trainable_parameter_summary
+from pefttriton.registry import config_from_dict
+from pefttriton.surgery import adapter_layers, matches
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
@@ -153,7 +149,7 @@ def reference_model(base: nn.Module, fused: nn.Module, A_full=None, B_full=None)
     """A float64 copy of ``base`` with each layer that ``fused`` adapts replaced by a reference module
     holding the fused layer's adapter values (and, for VeRA, slices of ``A_full`` / ``B_full``)."""
     ref = copy.deepcopy(base).double().requires_grad_(False)
-    for name, layer in fused_layers(fused):
+    for name, layer in adapter_layers(fused):
         weight, bias = base_weight_bias(base.get_submodule(name))
         if isinstance(layer, FusedVeRALinear):
             n, m, r = layer.in_features, layer.out_features, layer.r
@@ -199,7 +195,7 @@ def test_vera_llama_against_float64_reference(backend, gen, r):
     base = tiny_llama()
     model = inject(copy.deepcopy(base), VeRAConfig(r=r, target_modules=["q_proj", "v_proj", "down_proj"], projection_seed=7))
     names = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    layers = dict(fused_layers(model))
+    layers = dict(adapter_layers(model))
     assert sorted(layers) == sorted(names)
     # One shared pair sized to the largest adapted layer (PEFT's _find_dim): in 45 (down_proj), out 30.
     projections = {id(layer.projections) for layer in layers.values()}
@@ -244,7 +240,7 @@ def test_vera_summary_counts(gen):
 def test_gpt2_conv1d_vera_and_merge(backend, gen):
     base = tiny_gpt2()
     model = inject(copy.deepcopy(base), VeRAConfig(r=3, target_modules=["c_attn", "c_proj", "c_fc"], projection_seed=3))
-    layers = dict(fused_layers(model))
+    layers = dict(adapter_layers(model))
     assert len(layers) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
     for name, layer in layers.items():
         conv = base.get_submodule(name)
@@ -265,7 +261,7 @@ def test_gpt2_conv1d_vera_and_merge(backend, gen):
         deltas = {name: layer.delta_weight().double() for name, layer in layers.items()}
         merge_and_unload(model)
         y_merged = model_output(model, ids)
-    assert not fused_layers(model)
+    assert not adapter_layers(model)
     for name, delta in deltas.items():
         conv = model.get_submodule(name)
         assert isinstance(conv, Conv1D)
@@ -277,7 +273,7 @@ def test_gpt2_conv1d_vera_and_merge(backend, gen):
 def test_gpt2_conv1d_lora(backend, gen):
     base = tiny_gpt2()
     model = inject(copy.deepcopy(base), LoRAConfig(r=3, lora_alpha=5.0, target_modules=["c_attn"]))
-    assert all(layer.fan_in_fan_out for _, layer in fused_layers(model))
+    assert all(layer.fan_in_fan_out for _, layer in adapter_layers(model))
     randomize_adapters(model, gen)
     ref = reference_model(base, model)
     check_against_reference(model, ref, token_ids(gen), gen, tol_out=1e-5, tol_grad=1e-4)
@@ -291,11 +287,11 @@ def test_encoders_regex_targets_lora(backend, gen, family):
     base = tiny_encoder(family)
     regex = r".*attention\.self\.(query|value)"
     model = inject(copy.deepcopy(base), LoRAConfig(r=3, lora_alpha=6.0, target_modules=regex))
-    names = sorted(name for name, _ in fused_layers(model))
+    names = sorted(name for name, _ in adapter_layers(model))
     assert names == sorted(f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value"))
     # The list form selects the same layers.
     listed = inject(copy.deepcopy(base), LoRAConfig(r=3, target_modules=["query", "value"]))
-    assert sorted(name for name, _ in fused_layers(listed)) == names
+    assert sorted(name for name, _ in adapter_layers(listed)) == names
     randomize_adapters(model, gen)
     ref = reference_model(base, model)
     check_against_reference(model, ref, token_ids(gen), gen, tol_out=1e-5, tol_grad=1e-4)
@@ -307,7 +303,7 @@ def test_encoders_regex_targets_lora(backend, gen, family):
 def test_deep_lora_llama(backend, gen):
     base = tiny_llama()
     model = inject(copy.deepcopy(base), DeepLoRAConfig(r=3, eps=0.3, target_modules=["o_proj", "up_proj"]))
-    layers = dict(fused_layers(model))
+    layers = dict(adapter_layers(model))
     assert len(layers) == 4 and all(layer.eps == 0.3 for layer in layers.values())
     summary = trainable_parameter_summary(model)
     # W1 (r, in) + W2 (r, r) + W3 (out, r): o_proj 30x30, up_proj 45x30.
@@ -337,7 +333,7 @@ def test_merge_and_unload_every_adapter(gen, adapter):
     model = inject(copy.deepcopy(base), configs[adapter])
     randomize_adapters(model, gen, scale=0.2)
     ids = token_ids(gen)
-    layers = dict(fused_layers(model))
+    layers = dict(adapter_layers(model))
     next(iter(layers.values())).merge()  # an already merged layer is taken as it is
     with torch.no_grad():
         y = model_output(model, ids)
@@ -346,7 +342,7 @@ def test_merge_and_unload_every_adapter(gen, adapter):
             for name, layer in layers.items()
         }
         out = merge_and_unload(model)
-    assert out is model and not fused_layers(model)
+    assert out is model and not adapter_layers(model)
     for name, weight in expected.items():
         module = model.get_submodule(name)
         assert type(module) is nn.Linear
@@ -381,7 +377,7 @@ def test_matching_follows_peft_rules():
     assert matches(excl, "model.layers.0.self_attn.v_proj")
     assert not matches(excl, "model.layers.1.self_attn.v_proj")
     model = inject(tiny_llama(), excl)
-    assert len(fused_layers(model)) == 3
+    assert len(adapter_layers(model)) == 3
 
 
 def test_inject_errors():
@@ -470,7 +466,7 @@ class _WithHead(nn.Module):
 
 
 def test_modules_to_save_train_beside_the_adapters():
-    from pefttriton.injection import modules_to_save
+    from pefttriton.surgery import modules_to_save
 
     model = inject(_WithHead(), LoRAConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -20,7 +20,8 @@ from conftest import rel_err
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 from pefttriton.config import VeRAConfig
-from pefttriton.injection import fused_layers, inject, trainable_parameter_summary
+from pefttriton.injection import inject, trainable_parameter_summary
+from pefttriton.surgery import adapter_layers
 
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -40,7 +41,7 @@ def test_roberta_base_r1024_43008(gen):
         before = model(input_ids=ids).last_hidden_state
     inject(model, VeRAConfig(r=1024, target_modules=["query", "value"]))
     summary = trainable_parameter_summary(model)
-    assert len(fused_layers(model)) == 24
+    assert len(adapter_layers(model)) == 24
     assert summary.adapter == 24 * (768 + 1024) == 43_008
     assert summary.trainable == 43_008 and summary.other_trainable == 0
     assert round(summary.adapter / 1e6, 3) == 0.043  # the table's figure
@@ -56,7 +57,7 @@ def test_roberta_large_r256_61440():
     total_before = sum(p.numel() for p in model.parameters())
     inject(model, VeRAConfig(r=256, target_modules=["query", "value"]))
     summary = trainable_parameter_summary(model)
-    assert len(fused_layers(model)) == 48
+    assert len(adapter_layers(model)) == 48
     assert summary.adapter == 48 * (1024 + 256) == 61_440
     assert summary.trainable == 61_440  # inject froze everything else, the head included
     assert round(summary.adapter / 1e6, 3) == 0.061

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from test_inject import model_output, tiny_encoder, tiny_gpt2, tiny_llama, token_ids
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
-from pefttriton.injection import fused_layers, inject
+from pefttriton.injection import inject
+from pefttriton.surgery import adapter_layers
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
 from pefttriton.vera import FusedVeRALinear
@@ -48,7 +49,7 @@ def _peft_layers(peft_model):
 def _assert_same_tensors(fused_model, peft_model, adapter="default"):
     """Every adapter tensor of the PEFT layers equals the fused layer's, bit for bit."""
     peft_layers = _peft_layers(peft_model)
-    fused = dict(fused_layers(fused_model))
+    fused = dict(adapter_layers(fused_model))
     assert sorted(fused) == sorted(peft_layers)
     for name, layer in fused.items():
         pl = peft_layers[name]
@@ -73,7 +74,7 @@ def _compare_with_grads(fused_model, peft_model, ids, gen):
     (y * w).sum().backward()
     (y_peft * w).sum().backward()
     peft_layers = _peft_layers(peft_model)
-    for name, layer in fused_layers(fused_model):
+    for name, layer in adapter_layers(fused_model):
         pl = peft_layers[name]
         if isinstance(layer, FusedVeRALinear):
             pairs = [(layer.lambda_d, pl.vera_lambda_d["default"]), (layer.lambda_b, pl.vera_lambda_b["default"])]
@@ -102,7 +103,7 @@ def test_vera_from_peft_model(backend, gen, r):
     reference = copy.deepcopy(peft_model)
     fused = from_peft_model(peft_model)
     assert type(fused) is type(base)
-    assert all(isinstance(layer, FusedVeRALinear) for _, layer in fused_layers(fused))
+    assert all(isinstance(layer, FusedVeRALinear) for _, layer in adapter_layers(fused))
     _assert_same_tensors(fused, reference)
     trainable = {n.rsplit(".", 1)[-1] for n, p in fused.named_parameters() if p.requires_grad}
     assert trainable == {"lambda_d", "lambda_b"}
@@ -163,7 +164,7 @@ def test_vera_fused_to_peft_gpt2(tmp_path, backend, gen):
         peft_model.save_pretrained(tmp_path / "peft")
         again = load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert "base_model.vera_A" not in load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    assert all(layer.fan_in_fan_out for _, layer in fused_layers(again))
+    assert all(layer.fan_in_fan_out for _, layer in adapter_layers(again))
     _assert_same_tensors(again, peft_model)
 
 
@@ -194,7 +195,7 @@ def test_lora_both_ways(tmp_path, backend, gen, family, kw):
 
     # In, from the in-memory PEFT model.
     fused = from_peft_model(copy.deepcopy(peft_model))
-    assert all(isinstance(layer, FusedLoRALinear) for _, layer in fused_layers(fused))
+    assert all(isinstance(layer, FusedLoRALinear) for _, layer in adapter_layers(fused))
     _assert_same_tensors(fused, peft_model)
     _compare_with_grads(fused, copy.deepcopy(peft_model), ids, gen)
 
@@ -225,7 +226,7 @@ def test_deep_lora_exported_as_peft_lora(tmp_path, backend, gen):
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     layers = _peft_layers(peft_model)
-    for name, layer in fused_layers(fused):
+    for name, layer in adapter_layers(fused):
         delta = (layer.W3 @ layer.W2 @ layer.W1).double()  # the update, written plainly
         peft_delta = layers[name].get_delta_weight("default").double()
         assert rel_err(peft_delta, delta) < 1e-6
@@ -270,6 +271,6 @@ def test_errors(tmp_path, gen):
         save_peft_adapter(mixed, tmp_path / "mixed")
     vera = inject(copy.deepcopy(base), FusedVeRAConfig(r=2, target_modules=["q_proj"]))
     with torch.no_grad():
-        fused_layers(vera)[0][1].projections.vera_A.mul_(2)
+        adapter_layers(vera)[0][1].projections.vera_A.mul_(2)
     with pytest.raises(ValueError, match="save_projection=True"):
         save_peft_adapter(vera, tmp_path / "vera", save_projection=False)

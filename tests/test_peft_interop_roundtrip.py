@@ -30,7 +30,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from pefttriton import merge_and_unload
 from pefttriton.config import LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
-from pefttriton.injection import fused_layers, inject, modules_to_save
+from pefttriton.injection import inject
+from pefttriton.surgery import adapter_layers, modules_to_save
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.peft_interop import (
     PEFT_LAYER_SUBMODULES,
@@ -136,7 +137,7 @@ def test_export_adapts_exactly_the_fused_layers(tmp_path, gen, case):
     with quiet():
         reloaded = PeftModel.from_pretrained(_Net(), tmp_path).eval()
     layers = _tuner_layers(reloaded)
-    ours = dict(fused_layers(fused))
+    ours = dict(adapter_layers(fused))
     assert sorted(layers) == sorted(ours)  # no extra PEFT adapter on sub.lin1
     for name, layer in ours.items():
         pl = layers[name]
@@ -183,7 +184,7 @@ def test_from_peft_model_one_of_two_adapters(gen, kind, adapter):
     holding = sorted(n for n, m in _tuner_layers(pm).items() if adapter in m._get_available_adapters())
     fused = from_peft_model(pm, adapter_name=adapter)
     assert _peft_modules(fused) == {}
-    assert sorted(dict(fused_layers(fused))) == holding
+    assert sorted(dict(adapter_layers(fused))) == holding
     # q_proj holds only "default", o_proj only "other": the other ones are plain nn.Linear again
     plain = "o_proj" if adapter == "default" else "q_proj"
     assert type(fused.model.layers[0].self_attn.get_submodule(plain)) is nn.Linear
@@ -199,7 +200,7 @@ def test_from_peft_model_one_of_two_adapters(gen, kind, adapter):
         y_peft = model_output(reference, ids)
         assert rel_err(model_output(fused, ids), y_peft) < TOL
         merged = merge_and_unload(fused)
-        assert _peft_modules(merged) == {} and fused_layers(merged) == []
+        assert _peft_modules(merged) == {} and adapter_layers(merged) == []
         assert rel_err(model_output(merged, ids), y_peft) < TOL
 
 
@@ -217,7 +218,7 @@ def test_from_peft_model_other_adapter_keeps_conv1d(gen):
     fused = from_peft_model(pm, adapter_name="default")
     assert _peft_modules(fused) == {}
     assert type(fused.transformer.h[0].mlp.c_fc) is Conv1D
-    assert all(isinstance(layer, FusedLoRALinear) for _, layer in fused_layers(fused))
+    assert all(isinstance(layer, FusedLoRALinear) for _, layer in adapter_layers(fused))
     ids = token_ids(gen)
     with torch.no_grad():
         assert rel_err(model_output(fused, ids), model_output(reference, ids)) < TOL
@@ -281,7 +282,7 @@ def test_peft_seq_cls_fine_tune_into_fused(tmp_path, gen, kind):
     # In, from the live PEFT model.
     fused = from_peft_model(copy.deepcopy(pm))
     assert _peft_modules(fused) == {}
-    assert all(isinstance(layer, fused_cls) for _, layer in fused_layers(fused)) and len(fused_layers(fused)) == 4
+    assert all(isinstance(layer, fused_cls) for _, layer in adapter_layers(fused)) and len(adapter_layers(fused)) == 4
     assert modules_to_save(fused) == ["classifier"]
     assert torch.equal(fused.classifier.weight, head.weight)
     assert all(p.requires_grad for p in fused.classifier.parameters())
@@ -321,7 +322,7 @@ def test_fused_fine_tune_with_head_into_peft(tmp_path, gen, kind):
     with quiet():
         reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert _wrapped_modules(reloaded) == ["bert.pooler.dense", "classifier"]
-    assert sorted(_tuner_layers(reloaded)) == sorted(dict(fused_layers(ours)))
+    assert sorted(_tuner_layers(reloaded)) == sorted(dict(adapter_layers(ours)))
     ids = torch.randint(3, 99, (2, 9), generator=gen)
     y_ours = _logits(ours, ids)
     assert rel_err(_logits(reloaded, ids), y_ours) < TOL
@@ -405,7 +406,7 @@ def test_vera_load_follows_save_projection(tmp_path, gen):
         reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "redraw").eval()
     with pytest.warns(UserWarning, match="Specified to not load vera_A and vera_B"):
         fused = load_peft_adapter(copy.deepcopy(base), tmp_path / "redraw")
-    for name, layer in fused_layers(fused):
+    for name, layer in adapter_layers(fused):
         A, _ = layer.projection_slices()
         assert torch.equal(A, _tuner_layers(reference)[name].vera_A["default"][: layer.r, : layer.in_features])
     with torch.no_grad():
@@ -426,9 +427,9 @@ def test_vera_d_initial_both_ways(tmp_path, gen):
     base, pm, peft_dir = _peft_vera_dir(tmp_path, gen, d_initial=0.25)
     with quiet():
         loaded = load_peft_adapter(copy.deepcopy(base), peft_dir)
-    assert {layer.d_initial for _, layer in fused_layers(loaded)} == {0.25}
+    assert {layer.d_initial for _, layer in adapter_layers(loaded)} == {0.25}
     converted = from_peft_model(copy.deepcopy(pm))
-    assert {layer.d_initial for _, layer in fused_layers(converted)} == {0.25}
+    assert {layer.d_initial for _, layer in adapter_layers(converted)} == {0.25}
 
     # out: the layers' d_initial, and PEFT reads it back
     ours = inject(copy.deepcopy(base), FusedVeRAConfig(r=4, target_modules=["q_proj", "v_proj"], d_initial=0.3))
@@ -437,6 +438,6 @@ def test_vera_d_initial_both_ways(tmp_path, gen):
     with quiet():
         reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     assert reloaded.peft_config["default"].d_initial == 0.3
-    fused_layers(ours)[0][1].d_initial = 0.5
+    adapter_layers(ours)[0][1].d_initial = 0.5
     with pytest.raises(ValueError, match=r"one d_initial; the model's VeRA layers have \[0.3, 0.5\]"):
         save_peft_adapter(ours, tmp_path / "mixed")

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.injection import fused_layers, inject
+from pefttriton.injection import inject
+from pefttriton.surgery import adapter_layers
 from pefttriton.save import load_adapter, read_adapter, save_adapter
 from pefttriton.vera import VeRAProjections
 
@@ -33,7 +34,7 @@ def _assert_bit_identical(loaded, original, ids):
         q = loaded_params[name]
         assert q.dtype == p.dtype and torch.equal(q, p), name
         assert q.requires_grad == p.requires_grad, name
-    for (name, layer), (name2, layer2) in zip(fused_layers(original), fused_layers(loaded)):
+    for (name, layer), (name2, layer2) in zip(adapter_layers(original), adapter_layers(loaded)):
         assert name == name2 and type(layer) is type(layer2) and layer.merged == layer2.merged
         assert getattr(layer, "fan_in_fan_out", False) == getattr(layer2, "fan_in_fan_out", False)
         if hasattr(layer, "projections"):
@@ -49,7 +50,7 @@ def test_vera_round_trip_only_vectors_and_seed(tmp_path, backend, gen, dtype):
     model = inject(copy.deepcopy(base), VeRAConfig(r=5, target_modules=["q_proj", "v_proj", "down_proj"], projection_seed=9))
     _randomize(model, gen)
     stats = save_adapter(model, tmp_path / "a.safetensors")
-    names = [name for name, _ in fused_layers(model)]
+    names = [name for name, _ in adapter_layers(model)]
     # only lambda_d (5,) and lambda_b (out,), fp32: no projections, no frozen weights
     assert _file_keys(tmp_path / "a.safetensors") == {f"{n}.{v}" for n in names for v in ("lambda_d", "lambda_b")}
     assert stats["tensors"] == 12 and stats["bytes"] == 4 * 2 * ((5 + 30) + (5 + 10) + (5 + 30))
@@ -57,7 +58,7 @@ def test_vera_round_trip_only_vectors_and_seed(tmp_path, backend, gen, dtype):
     assert meta["projections"] == [{"r": 5, "max_in": 45, "max_out": 30, "seed": 9, "stored": False}]
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")
     # one shared pair again, redrawn from the seed
-    assert len({id(layer.projections) for _, layer in fused_layers(loaded)}) == 1
+    assert len({id(layer.projections) for _, layer in adapter_layers(loaded)}) == 1
     _assert_bit_identical(loaded, model, token_ids(gen))
 
 
@@ -66,7 +67,7 @@ def test_vera_projections_stored_when_not_redrawable(tmp_path, gen):
     model = inject(copy.deepcopy(base), VeRAConfig(r=3, target_modules=["q_proj"]))
     _randomize(model, gen)
     with torch.no_grad():  # e.g. projections loaded from a PEFT checkpoint drawn elsewhere
-        fused_layers(model)[0][1].projections.vera_A.mul_(1.5)
+        adapter_layers(model)[0][1].projections.vera_A.mul_(1.5)
     save_adapter(model, tmp_path / "a.safetensors")
     keys = _file_keys(tmp_path / "a.safetensors")
     assert {"__projections__.0.vera_A", "__projections__.0.vera_B"} <= keys
@@ -95,10 +96,10 @@ def test_round_trip_lora_family_gpt2(tmp_path, gen, adapter):
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     assert _file_keys(tmp_path / "a.safetensors") == expected
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors").eval()
-    for _, layer in fused_layers(loaded):
+    for _, layer in adapter_layers(loaded):
         assert layer.fan_in_fan_out
         if adapter == "lora":
-            assert layer.alpha == 5.0 and layer.dropout_p == 0.1
+            assert layer.alpha == 5.0 and layer.dropout == 0.1
         elif adapter == "deep_lora":
             assert layer.eps == 0.25
         else:
@@ -112,7 +113,7 @@ def test_head_merged_layer_and_existing_fused_layers(tmp_path, gen):
     inject(model, LoRAConfig(r=2, target_modules=["up_proj"]))
     model.lm_head.weight.requires_grad_(True)  # a head trained along
     _randomize(model, gen)
-    fused_layers(model)[0][1].merge()
+    adapter_layers(model)[0][1].merge()
     save_adapter(model, tmp_path / "a.safetensors")
     assert "lm_head.weight" in _file_keys(tmp_path / "a.safetensors")
     assert "model.embed_tokens.weight" not in _file_keys(tmp_path / "a.safetensors")
@@ -139,7 +140,7 @@ def test_errors(tmp_path):
     other = inject(tiny_llama(), VeRAConfig(r=3, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="rank 3"):
         load_adapter(other, tmp_path / "a.safetensors")
-    assert isinstance(fused_layers(model)[0][1].projections, VeRAProjections)
+    assert isinstance(adapter_layers(model)[0][1].projections, VeRAProjections)
 
 
 # ------------------------------------------------------------------------------ settings restored
@@ -171,10 +172,10 @@ _SETTINGS_CASES = {
         VeRAConfig(r=4, target_modules=["q_proj", "up_proj"]),
         {"d_initial": 0.37},
     ),
-    "lora": (  # scale set by hand to rsLoRA's alpha / sqrt(r) = 6 / 2 below
-        LoRAConfig(r=4, lora_alpha=6.0, lora_dropout=0.2, target_modules=["q_proj", "up_proj"]),
+    "lora": (  # rsLoRA: scale = alpha / sqrt(r) = 6 / 2
+        LoRAConfig(r=4, lora_alpha=6.0, lora_dropout=0.2, use_rslora=True, target_modules=["q_proj", "up_proj"]),
         LoRAConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "up_proj"]),
-        {"alpha": 6.0, "dropout_p": 0.2, "scale": 3.0},
+        {"alpha": 6.0, "dropout": 0.2, "use_rslora": True, "scale": 3.0},
     ),
     "deep_lora": (
         DeepLoRAConfig(r=3, eps=0.25, target_modules=["q_proj", "up_proj"]),
@@ -199,14 +200,11 @@ def test_every_setting_restored(tmp_path, gen, adapter, into):
     base = tiny_llama()
     model = inject(copy.deepcopy(base), saved_cfg).eval()
     _randomize(model, gen)
-    if adapter == "lora":
-        for _, layer in fused_layers(model):
-            layer.scale = 6.0 / 2.0  # rsLoRA: alpha / sqrt(r), not alpha / r
-    fused_layers(model)[0][1].merge()
+    adapter_layers(model)[0][1].merge()
     save_adapter(model, tmp_path / "a.safetensors")
     target = copy.deepcopy(base) if into == "plain" else inject(copy.deepcopy(base), other_cfg).eval()
     loaded = load_adapter(target, tmp_path / "a.safetensors").eval()
-    layers = fused_layers(loaded)
+    layers = adapter_layers(loaded)
     assert len(layers) == 4
     for name, layer in layers:
         for attr, value in expected.items():
@@ -234,8 +232,8 @@ def test_lora_dropout_zero_restored_as_identity(tmp_path, gen):
     save_adapter(model, tmp_path / "a.safetensors")
     target = inject(copy.deepcopy(base), LoRAConfig(r=2, lora_dropout=0.3, target_modules=["v_proj"])).eval()
     loaded = load_adapter(target, tmp_path / "a.safetensors")
-    for _, layer in fused_layers(loaded):
-        assert layer.dropout_p == 0.0 and isinstance(layer.lora_dropout, torch.nn.Identity)
+    for _, layer in adapter_layers(loaded):
+        assert layer.dropout == 0.0 and isinstance(layer.lora_dropout, torch.nn.Identity)
     loaded.train(), model.train()  # no dropout left: training outputs equal too
     ids = token_ids(gen)
     assert torch.equal(model_output(loaded, ids), model_output(model, ids))
@@ -282,26 +280,52 @@ def test_file_without_new_fields_loads_as_before(tmp_path, gen):
     save_adapter(model, tmp_path / "new.safetensors")
     old = _rewrite(tmp_path / "new.safetensors", tmp_path / "old.safetensors", edit_meta=strip)
     plain = load_adapter(copy.deepcopy(base), old).eval()
-    for name, layer in fused_layers(plain):
+    for name, layer in adapter_layers(plain):
         if "q_proj" in name:
             assert layer.d_initial == 0.1  # FusedVeRALinear's default
         else:
-            assert (layer.alpha, layer.scale, layer.dropout_p) == (8.0, 4.0, 0.0)  # FusedLoRALinear's defaults
+            assert (layer.alpha, layer.scale, layer.dropout) == (8.0, 4.0, 0.0)  # FusedLoRALinear's defaults
     # The adapter tensors are the file's: with the saved settings put back by hand, outputs agree.
-    for (_, layer), (_, want) in zip(fused_layers(plain), fused_layers(model)):
+    for (_, layer), (_, want) in zip(adapter_layers(plain), adapter_layers(model)):
         if hasattr(layer, "alpha"):
-            layer.scale = want.scale
+            layer.alpha = want.alpha
     with torch.no_grad():
         ids = token_ids(gen)
         assert torch.equal(model_output(plain, ids), model_output(model, ids))
     target = inject(copy.deepcopy(base), VeRAConfig(r=4, d_initial=0.25, target_modules=["q_proj"]))
     inject(target, LoRAConfig(r=2, lora_alpha=3.0, lora_dropout=0.4, target_modules=["v_proj"]))
     load_adapter(target, old)
-    for name, layer in fused_layers(target):
+    for name, layer in adapter_layers(target):
         if "q_proj" in name:
             assert layer.d_initial == 0.25
         else:
-            assert (layer.alpha, layer.scale, layer.dropout_p) == (3.0, 1.5, 0.4)
+            assert (layer.alpha, layer.scale, layer.dropout) == (3.0, 1.5, 0.4)
+
+
+def test_older_lora_scale_read_as_use_rslora(tmp_path, gen):
+    """Older files held LoRA's scale beside its kwargs: alpha / sqrt(r) comes back as use_rslora."""
+    base = tiny_llama()
+    model = inject(copy.deepcopy(base), LoRAConfig(r=4, lora_alpha=6.0, use_rslora=True, target_modules=["v_proj"]))
+    model.eval()
+    _randomize(model, gen)
+
+    def to_old(meta):
+        for spec in meta["layers"].values():
+            del spec["kwargs"]["use_rslora"]
+            spec["scale"] = 3.0
+
+    save_adapter(model, tmp_path / "new.safetensors")
+    old = _rewrite(tmp_path / "new.safetensors", tmp_path / "old.safetensors", edit_meta=to_old)
+    loaded = load_adapter(copy.deepcopy(base), old).eval()
+    assert all(layer.use_rslora and layer.scale == 3.0 for _, layer in adapter_layers(loaded))
+
+    def bad_scale(meta):
+        to_old(meta)
+        next(iter(meta["layers"].values()))["scale"] = 2.5
+
+    bad = _rewrite(tmp_path / "new.safetensors", tmp_path / "bad.safetensors", edit_meta=bad_scale)
+    with pytest.raises(ValueError, match="neither alpha / r nor alpha / sqrt"):
+        load_adapter(copy.deepcopy(base), bad)
 
 
 # ------------------------------------------------------------------------------ all or nothing
@@ -309,7 +333,7 @@ def test_file_without_new_fields_loads_as_before(tmp_path, gen):
 
 def _snapshot(model):
     """Everything load_adapter may change: module types, parameters, settings of fused layers."""
-    settings = ("merged", "alpha", "scale", "dropout_p", "eps", "d_initial", "variant", "fan_in_fan_out", "training")
+    settings = ("merged", "alpha", "scale", "dropout", "use_rslora", "eps", "d_initial", "variant", "fan_in_fan_out", "training")
     return {
         "modules": {name: type(m) for name, m in model.named_modules()},
         "params": {
@@ -321,7 +345,7 @@ def _snapshot(model):
                 type(getattr(layer, "lora_dropout", None)),
                 id(getattr(layer, "projections", None)),
             )
-            for name, layer in fused_layers(model)
+            for name, layer in adapter_layers(model)
         },
     }
 
@@ -417,7 +441,7 @@ def _atomic_setup(tmp_path_factory):
     inject(model, LoRAConfig(r=2, lora_alpha=4.0, target_modules=["v_proj", "up_proj", "down_proj"]))
     model.lm_head.weight.requires_grad_(True)
     _randomize(model, gen)
-    fused_layers(model)[1][1].merge()
+    adapter_layers(model)[1][1].merge()
     save_adapter(model, path)
     return base, path
 
@@ -427,7 +451,7 @@ def test_failed_load_changes_nothing(tmp_path, _atomic_setup, mode):
     base, path = _atomic_setup
     target = inject(copy.deepcopy(base), VeRAConfig(r=4, target_modules=["q_proj"]))
     inject(target, LoRAConfig(r=2, lora_alpha=8.0, lora_dropout=0.1, target_modules=["up_proj"]))
-    fused_layers(target)[2][1].merge()  # model.layers.0.mlp.up_proj: would be unmerged first
+    adapter_layers(target)[2][1].merge()  # model.layers.0.mlp.up_proj: would be unmerged first
     edit_meta, edit_tensors, error, pattern = _break(mode)
     broken = _rewrite(path, tmp_path / "broken.safetensors", edit_meta, edit_tensors)
     before = _snapshot(target)
@@ -436,7 +460,7 @@ def test_failed_load_changes_nothing(tmp_path, _atomic_setup, mode):
     _assert_unchanged(target, before)
     # the unbroken file still loads into the same model afterwards
     load_adapter(target, path)
-    assert len(fused_layers(target)) == 8
+    assert len(adapter_layers(target)) == 8
 
 
 @pytest.mark.skipif(not _lorma_available(), reason="pefttriton.lorma not present")
@@ -447,9 +471,9 @@ def test_merged_lorma_that_cannot_unmerge_refused_before_any_change(tmp_path, ge
     model = inject(copy.deepcopy(base), LoRMAConfig(r=2, variant="naive", target_modules=["q_proj"]))
     save_adapter(model, tmp_path / "a.safetensors")
     target = inject(copy.deepcopy(base), LoRMAConfig(r=2, variant="naive", target_modules=["q_proj"]))
-    for _, layer in fused_layers(target):
+    for _, layer in adapter_layers(target):
         layer.merge()
-    last = fused_layers(target)[-1][1]
+    last = adapter_layers(target)[-1][1]
     last.base_weight_copy = None  # e.g. a merged model restored from a state_dict (the copy is not saved)
     assert isinstance(last, pefttriton.lorma.FusedLoRMALinear)
     before = _snapshot(target)
@@ -483,7 +507,7 @@ def test_tied_lm_head_saved_merged(tmp_path, gen):
 def test_modules_to_save_record_round_trips(tmp_path, gen):
     """A head trained beside the adapters is saved, loaded and recorded again, so that a later
     PEFT export (or inject) still treats it as a module to save."""
-    from pefttriton.injection import modules_to_save
+    from pefttriton.surgery import modules_to_save
 
     from collections import OrderedDict
 
