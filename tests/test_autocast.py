@@ -19,7 +19,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import pefttriton
 from pefttriton import LoRAConfig, LoRMAConfig, VeRAConfig, inject, lorma_pi_linear, lowrank_linear
-from pefttriton.reference import lorma_pi_linear_reference, lowrank_linear_reference
+from pefttriton.ops.naive import lorma_pi_linear_reference, lowrank_linear_reference
 
 BF16 = torch.bfloat16
 TOL = 3e-2  # bf16 inputs: relative error against float64 math on the same bf16-rounded numbers

@@ -1,4 +1,4 @@
-"""Deep matrix factorisation / completion (pefttriton.deep_factorization): the paper's Prop. 2.2
+"""Deep matrix factorisation / completion (bench.deep_factorization): the paper's Prop. 2.2
 and low-rank bias, reproduced on the CPU in float64.
 
 Every bound below is stated with the value measured on this machine (torch 2.13 CPU, float64,
@@ -8,7 +8,7 @@ fixed seeds), and chosen with margin but so that the claim would fail without th
 import pytest
 import torch
 
-from pefttriton.deep_factorization import (
+from bench.deep_factorization import (
     compressed_factors,
     full_width_factors,
     low_rank_bias_experiment,

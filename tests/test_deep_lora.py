@@ -17,7 +17,7 @@ from conftest import rel_err
 from torch import nn
 
 import pefttriton
-from pefttriton.deep_factorization import full_width_factors, low_rank_target, relative_gaps, run_gd
+from bench.deep_factorization import full_width_factors, low_rank_target, relative_gaps, run_gd
 from pefttriton.deep_lora import (
     DEFAULT_EPS,
     FusedDeepLoRALinear,

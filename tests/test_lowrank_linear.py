@@ -1,7 +1,7 @@
 """``pefttriton.lowrank_linear`` against the naive float64 reference, on both backends.
 
 The "triton" backend runs the real Triton kernels through the CPU interpreter (see conftest.py).
-Every comparison is against ``pefttriton.reference.lowrank_linear_reference`` evaluated with
+Every comparison is against ``pefttriton.ops.naive.lowrank_linear_reference`` evaluated with
 float64 copies of the very same inputs and differentiated by plain autograd.
 """
 
@@ -12,7 +12,7 @@ from conftest import BACKENDS, rel_err
 import pefttriton
 from pefttriton import lowrank_linear
 from pefttriton.kernels import lowrank_linear as kernels
-from pefttriton.reference import lowrank_linear_reference
+from pefttriton.ops.naive import lowrank_linear_reference
 
 NAMES = ("x", "weight", "bias", "A", "B", "d", "b")
 

@@ -15,7 +15,7 @@ from conftest import rel_err
 
 from pefttriton import lowrank_linear
 from pefttriton.ops.lowrank_linear import split_scale
-from pefttriton.reference import lowrank_linear_reference
+from pefttriton.ops.naive import lowrank_linear_reference
 
 
 def _peft_order(x, weight, A, B, scale):

@@ -2,7 +2,7 @@
 
 Strided, transposed, expanded and offset views of each argument in turn, on both backends (the
 Triton kernels under the interpreter), forward and every gradient against the float64 references
-of ``pefttriton.reference``. Vectors read as ``ptr + offs`` ignoring their strides once gave
+of ``pefttriton.ops.naive``. Vectors read as ``ptr + offs`` ignoring their strides once gave
 relative errors of order 1 here (an expanded vector was read past its end).
 """
 
@@ -11,7 +11,7 @@ import torch
 from conftest import rel_err
 
 from pefttriton import lorma_pi_linear, lowrank_linear
-from pefttriton.reference import lorma_pi_linear_reference, lowrank_linear_reference
+from pefttriton.ops.naive import lorma_pi_linear_reference, lowrank_linear_reference
 
 ENGINE_ARGS = ("x", "weight", "bias", "A", "B", "d", "b")
 N, n, m, r = 9, 11, 13, 5

@@ -10,7 +10,7 @@ from peft.tuners.vera.layer import Linear as PeftVeraLinear
 from torch import nn
 
 from pefttriton import FusedVeRALinear, VeRAProjections
-from pefttriton.reference import lowrank_linear_reference
+from pefttriton.ops.naive import lowrank_linear_reference
 
 SEED = 1234
 R = 16
