@@ -1,5 +1,5 @@
-"""``python -m bench``: the main job (see :mod:`bench.runner`)."""
+"""``python -m bench``: the main job (see :mod:`bench.cli`)."""
 
-from bench.runner import main
+from bench.cli import main
 
 raise SystemExit(main())

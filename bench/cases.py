@@ -1,6 +1,6 @@
 """What is benchmarked: the implementations (fused adapters and baselines) and the shapes.
 
-Every fused adapter is imported lazily inside its factory: an adapter that is missing or fails
+The fused implementations are the adapters of pefttriton's registry; an implementation that fails
 to build is reported as "not available" with the reason, never silently left out.
 """
 
@@ -25,44 +25,39 @@ class Impl:
     make: Callable[[nn.Linear, int], nn.Module]
 
 
-def _fused_vera(base: nn.Linear, r: int) -> nn.Module:
-    from pefttriton.vera import FusedVeRALinear
+def _fused(adapter: str) -> Callable[[nn.Linear, int], nn.Module]:
+    """A factory for the registered adapter ``adapter``, built with its defaults."""
 
-    return FusedVeRALinear(base, r)
+    def make(base: nn.Linear, r: int) -> nn.Module:
+        from pefttriton.registry import get_adapter
 
+        layer = get_adapter(adapter).layer_class(base, r)
+        with torch.no_grad():  # zero-initialised factors (LoRA's B): non-zero like a trained layer, same work
+            for p in layer.adapter_parameters().values():
+                if not p.any():
+                    p.normal_(0.0, r**-0.5)
+        return layer
 
-def _fused_lora(base: nn.Linear, r: int) -> nn.Module:
-    from pefttriton.lora import FusedLoRALinear
-
-    layer = FusedLoRALinear(base, r, alpha=8.0)
-    with torch.no_grad():  # B starts at zero; non-zero like a trained layer, same work either way
-        layer.lora_B.normal_(0.0, r**-0.5)
-    return layer
-
-
-def _fused_deep_lora(base: nn.Linear, r: int) -> nn.Module:
-    from pefttriton.deep_lora import FusedDeepLoRALinear
-
-    return FusedDeepLoRALinear(base, r)
+    return make
 
 
-def _fused_lorma(base: nn.Linear, r: int) -> nn.Module:
-    from pefttriton.lorma import FusedLoRMALinear
+def _fused_impls() -> tuple[Impl, ...]:
+    """One fused implementation per adapter of pefttriton's registry, in registration order."""
+    from pefttriton.registry import adapters
 
-    return FusedLoRMALinear(base, r, variant="plus")
+    return tuple(
+        Impl(f"fused_{name}", name, True, entry.layer_class.__name__, _fused(name)) for name, entry in adapters().items()
+    )
 
 
 IMPLS: dict[str, Impl] = {
     impl.name: impl
     for impl in (
-        Impl("fused_vera", "vera", True, "FusedVeRALinear", _fused_vera),
+        *_fused_impls(),
         Impl("peft_vera", "vera", False, "PEFT VeRA", baselines.peft_vera_layer),
-        Impl("fused_lora", "lora", True, "FusedLoRALinear", _fused_lora),
         Impl("peft_lora", "lora", False, "PEFT LoRA", baselines.peft_lora_layer),
         Impl("torch_lora", "lora", False, "unfused LoRA (torch)", baselines.TorchLoRALinear),
-        Impl("fused_deep_lora", "deep_lora", True, "FusedDeepLoRALinear", _fused_deep_lora),
         Impl("torch_deep_lora", "deep_lora", False, "unfused Deep LoRA (torch)", baselines.TorchDeepLoRALinear),
-        Impl("fused_lorma", "lorma", True, "FusedLoRMALinear(plus)", _fused_lorma),
         Impl("torch_lorma", "lorma", False, "unfused LoRMA+ (torch)", baselines.TorchLoRMAPlusLinear),
     )
 }
@@ -100,11 +95,9 @@ class Suite:
     ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-_LORA_FAMILY = ("lora", "deep_lora", "lorma")
-
-
 def _ranks(vera: tuple[int, ...], lora: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    return {"vera": vera, **{family: lora for family in _LORA_FAMILY}}
+    """VeRA's ranks for VeRA, LoRA's for every other family (all low-rank updates of LoRA size)."""
+    return {family: vera if family == "vera" else lora for family in {impl.family for impl in IMPLS.values()}}
 
 
 def suite(device: torch.device, kind: str) -> Suite:
@@ -147,12 +140,8 @@ def gemm_mode(mode: str | None) -> Iterator[None]:
         return
     from pefttriton import backend
 
-    previous = backend.get_gemm_mode()
-    backend.set_gemm_mode(mode)
-    try:
+    with backend.use_gemm_mode(mode):
         yield
-    finally:
-        backend.set_gemm_mode(previous)
 
 
 def backend_label(impl: Impl, device: torch.device, mode: str | None) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bench import cases, measure, roofline
-from bench.runner import device_name
+from bench.run import device_name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 25 if DEVICE.type == "cuda" else 10

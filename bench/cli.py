@@ -1,0 +1,104 @@
+"""The main job: ``python -m bench``, fused vs unfused on whatever device exists.
+
+Runs every implementation of :mod:`bench.cases` on a grid of shapes (short by default, ``--full``
+for the whole grid), prints a table fused vs unfused (time ratio, saved-memory ratio), and writes
+into the results folder (default ``./results``):
+
+* ``bench-<device>.json``: every measurement, each labelled with device and backend, the
+  comparison rows, the roofline model of every op, what was not available and why;
+* ``bench-<device>.png``: step time and bytes saved for backward against tokens;
+* ``roofline-<device>.md``: flops and minimum bytes moved per op, fused vs unfused.
+
+This module is the command line; :mod:`bench.run` measures and :mod:`bench.report` reports.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import cases, report, run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available, else the CPU (default)")
+    p.add_argument("--full", action="store_true", help="the whole grid of shapes instead of the short run")
+    p.add_argument("--out", default="results", help="results folder (default ./results)")
+    p.add_argument("--tokens", help="comma-separated token counts, replacing the suite's")
+    p.add_argument("--layers", help="comma-separated in x out layer shapes, e.g. 1024x1024,1024x2752")
+    p.add_argument("--dtypes", help="comma-separated dtypes: fp32, fp16, bf16")
+    p.add_argument("--vera-r", help="comma-separated VeRA ranks")
+    p.add_argument("--lora-r", help="comma-separated ranks of LoRA, Deep LoRA and LoRMA")
+    p.add_argument("--impls", help=f"comma-separated subset of: {', '.join(cases.IMPLS)}")
+    p.add_argument("--rounds", type=int, help="timing rounds per implementation (default 11 on CPU, 10 on GPU)")
+    p.add_argument("--min-seconds", type=float, help="minimum length of one timing sample")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the job; returns 0, or 1 when an available implementation failed on some shape."""
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    kind = "full" if args.full else "short"
+    suite = cases.suite(device, kind)
+    ranks = dict(suite.ranks)
+    if args.vera_r:
+        ranks["vera"] = _ints(args.vera_r)
+    if args.lora_r:
+        ranks.update({fam: _ints(args.lora_r) for fam in ranks if fam != "vera"})
+    suite = cases.Suite(
+        layers=tuple(tuple(int(v) for v in s.split("x")) for s in args.layers.split(",")) if args.layers else suite.layers,
+        tokens=_ints(args.tokens) if args.tokens else suite.tokens,
+        dtypes=tuple(cases.parse_dtype(d) for d in args.dtypes.split(",")) if args.dtypes else suite.dtypes,
+        ranks=ranks,
+    )
+    names = args.impls.split(",") if args.impls else list(cases.IMPLS)
+    unknown = [n for n in names if n not in cases.IMPLS]
+    if unknown:
+        raise SystemExit(f"unknown --impls {unknown}; choose from {list(cases.IMPLS)}")
+    rounds = args.rounds or (10 if device.type == "cuda" else 11)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if device.type == "cuda" else 0.02)
+
+    dev_name = run.device_name(device)
+    print(f"pefttriton benchmark on {device.type.upper()}: {dev_name}")
+    if device.type == "cpu":
+        print("CPU run: fused layers use pefttriton's torch backend; every figure below is a CPU figure, "
+              "not a GPU one.")
+
+    unavailable: dict[str, str] = {}
+    available: dict[str, cases.Impl] = {}
+    for name in names:
+        reason = cases.probe(cases.IMPLS[name])
+        if reason is None:
+            available[name] = cases.IMPLS[name]
+        else:
+            unavailable[name] = reason
+            print(f"  {cases.IMPLS[name].label}: {reason}")
+
+    entries = run.entries(suite, available, device)
+    groups = [(dt, n, m, N) for dt in suite.dtypes for (n, m) in suite.layers for N in suite.tokens]
+    bar = run.progress(len(groups) * (len(entries) + rounds), not args.no_progress, f"bench {device.type}")
+    records: list[dict] = []
+    try:
+        for dt, n, m, N in groups:
+            records += run.measure_group(device, dt, n, m, N, entries, rounds, min_seconds, bar)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+    run_meta = {"versions": run.versions(), "torch_threads": torch.get_num_threads(), "rounds": rounds,
+                "min_seconds": min_seconds}
+    return report.write(Path(args.out), device, dev_name, kind, list(argv or sys.argv[1:]), run_meta, suite,
+                        unavailable, records)
