@@ -33,24 +33,37 @@ GEMM_MODES = ("fused", "split")
 PATHS = ("torch", "fused", "split")
 
 
-def _from_environment(variable: str, allowed: tuple[str, ...], default: str) -> str:
-    value = os.environ.get(variable, "")
-    if value == "":
-        return default
-    if value not in allowed:
-        raise ValueError(f"environment variable {variable}={value!r} must be one of {allowed} (names are lower case)")
-    return value
+class _Choice:
+    """One choice: a process-wide default (from an environment variable) and a context-local override."""
+
+    def __init__(self, what: str, allowed: tuple[str, ...], variable: str, default: str) -> None:
+        self.what, self.allowed = what, allowed
+        value = os.environ.get(variable, "")
+        if value and value not in allowed:
+            raise ValueError(f"environment variable {variable}={value!r} must be one of {allowed} (names are lower case)")
+        self.default = value or default
+        self.override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"pefttriton_{variable}", default=None)
+
+    def check(self, value: str) -> str:
+        if not isinstance(value, str) or value not in self.allowed:
+            raise ValueError(f"{self.what} must be one of {self.allowed}, got {value!r}")
+        return value
+
+    def get(self) -> str:
+        override = self.override.get()
+        return self.default if override is None else override
+
+    @contextlib.contextmanager
+    def use(self, value: str) -> Iterator[None]:
+        token = self.override.set(self.check(value))
+        try:
+            yield
+        finally:
+            self.override.reset(token)
 
 
-class _Defaults:
-    """The process-wide choices (one object, so that reading them is one attribute lookup)."""
-
-    backend = _from_environment("PEFTTRITON_BACKEND", BACKENDS, "auto")
-    gemm_mode = _from_environment("PEFTTRITON_GEMM_MODE", GEMM_MODES, "fused")
-
-
-_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pefttriton_backend", default=None)
-_gemm_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pefttriton_gemm_mode", default=None)
+_BACKEND = _Choice("backend", BACKENDS, "PEFTTRITON_BACKEND", "auto")
+_GEMM_MODE = _Choice("gemm mode", GEMM_MODES, "PEFTTRITON_GEMM_MODE", "fused")
 
 
 def interpreting() -> bool:
@@ -59,34 +72,22 @@ def interpreting() -> bool:
     return launch.INTERPRET
 
 
-def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
-    return value
-
-
 def set_backend(name: str) -> None:
     """Choose the backend of every fused op, process-wide: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     A :func:`use_backend` block active in the calling context still takes precedence there.
     """
-    _Defaults.backend = _check(name, BACKENDS, "backend")
+    _BACKEND.default = _BACKEND.check(name)
 
 
 def get_backend() -> str:
     """The backend in force in this context: a :func:`use_backend` override, else the default."""
-    override = _backend_override.get()
-    return _Defaults.backend if override is None else override
+    return _BACKEND.get()
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str):
     """Use backend ``name`` in this context (thread or task) only; the previous choice on exit."""
-    token = _backend_override.set(_check(name, BACKENDS, "backend"))
-    try:
-        yield
-    finally:
-        _backend_override.reset(token)
+    return _BACKEND.use(name)
 
 
 def set_gemm_mode(mode: str) -> None:
@@ -97,23 +98,17 @@ def set_gemm_mode(mode: str) -> None:
     kernel adds the low-rank path into ``y`` (one extra read and write of ``y``). A tuned cuBLAS
     can beat a Triton GEMM on some shapes; the benchmark reports both so the choice is measured.
     """
-    _Defaults.gemm_mode = _check(mode, GEMM_MODES, "gemm mode")
+    _GEMM_MODE.default = _GEMM_MODE.check(mode)
 
 
 def get_gemm_mode() -> str:
     """The GEMM mode in force in this context: a :func:`use_gemm_mode` override, else the default."""
-    override = _gemm_mode_override.get()
-    return _Defaults.gemm_mode if override is None else override
+    return _GEMM_MODE.get()
 
 
-@contextlib.contextmanager
-def use_gemm_mode(mode: str) -> Iterator[None]:
+def use_gemm_mode(mode: str):
     """Use GEMM mode ``mode`` in this context only; the previous choice on exit."""
-    token = _gemm_mode_override.set(_check(mode, GEMM_MODES, "gemm mode"))
-    try:
-        yield
-    finally:
-        _gemm_mode_override.reset(token)
+    return _GEMM_MODE.use(mode)
 
 
 def resolve_path(device: torch.device, dtype: torch.dtype) -> str:

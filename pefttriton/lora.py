@@ -57,13 +57,7 @@ class FusedLoRALinear(AdapterLayer):
     settings = ("alpha", "dropout", "use_rslora")
 
     def __init__(
-        self,
-        base_layer: nn.Linear,
-        r: int,
-        *,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
+        self, base_layer: nn.Linear, r: int, *, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
         fan_in_fan_out: bool = False,
     ) -> None:
         super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)

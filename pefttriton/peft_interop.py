@@ -77,6 +77,7 @@ from pefttriton.surgery import (
     adapter_layers,
     add_modules_to_save,
     as_linear,
+    copy_tensors,
     freeze_all_but_adapters,
     has_submodule,
     is_conv1d,
@@ -150,19 +151,6 @@ def _vera_projections(r: int, max_in: int, max_out: int, seed: int, like: torch.
             projections.vera_A.copy_(A)
             projections.vera_B.copy_(B)
     return projections
-
-
-def _copy_module_tensors(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` (keyed like ``module.state_dict()``) into ``module``'s parameters and buffers."""
-    own = module.state_dict()  # detached tensors sharing storage with the parameters and buffers
-    for key, value in tensors.items():
-        if key not in own:
-            raise ValueError(f"{name}: the adapter holds {key!r}, which the module does not have")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{name}.{key}: expected shape {tuple(own[key].shape)}, got {tuple(value.shape)}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key].copy_(value)
 
 
 def _install(model: nn.Module, adapter_type: str, layers: dict[str, dict], shared: dict | None = None) -> nn.Module:
@@ -463,7 +451,7 @@ def load_peft_adapter(
     if clash:
         raise ValueError(f"the PEFT adapter both adapts and fully saves {clash[:4]}; a module is one or the other")
     for name, tensors in saved.items():
-        _copy_module_tensors(model.get_submodule(name), name, tensors)
+        copy_tensors(model.get_submodule(name).state_dict(), tensors, name)
     if saved:
         add_modules_to_save(model, list(saved))  # freeze_all_but_adapters (in _install) keeps them trainable
     return _install(model, adapter_type, layers, {"projections": projections} if projections is not None else None)

@@ -154,17 +154,17 @@ def build_layer(
     return get_adapter(adapter_type).layer_class(base_layer, r, fan_in_fan_out=fan_in_fan_out, **(kwargs or {}))
 
 
-def copy_adapter_tensors(layer: AdapterLayer, tensors: dict[str, torch.Tensor], name: str) -> None:
-    """Copy ``{parameter name: tensor}`` into ``layer``'s own parameters, shapes checked first."""
-    params = layer.adapter_parameters()
-    for pname, value in tensors.items():
-        if pname not in params:
-            raise ValueError(f"{name}: {type(layer).__name__} has no adapter parameter {pname!r} ({sorted(params)})")
-        if tuple(value.shape) != tuple(params[pname].shape):
-            raise ValueError(f"{name}.{pname}: expected shape {tuple(params[pname].shape)}, got {tuple(value.shape)}")
+def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Copy ``tensors`` into the same-named ``targets`` (parameters, or a ``state_dict()``'s
+    tensors, which share their storage), every name and shape checked before anything is written."""
+    for key, value in tensors.items():
+        if key not in targets:
+            raise ValueError(f"{name}: the source holds {key!r}, which the module does not have ({sorted(targets)})")
+        if tuple(value.shape) != tuple(targets[key].shape):
+            raise ValueError(f"{name}.{key}: expected shape {tuple(targets[key].shape)}, got {tuple(value.shape)}")
     with torch.no_grad():
-        for pname, value in tensors.items():
-            params[pname].copy_(value)
+        for key, value in tensors.items():
+            targets[key].copy_(value)
 
 
 def tied_parameter_names(model: nn.Module, param: nn.Parameter, inside: str) -> list[str]:
@@ -216,7 +216,7 @@ def wrap(
     layer = build_layer(adapter_type, base, r, kwargs, fan_in_fan_out=fan_in_fan_out)
     layer.train(module.training)
     if tensors:
-        copy_adapter_tensors(layer, tensors, name)
+        copy_tensors(layer.adapter_parameters(), tensors, name)
     replace_module(model, name, layer)
     return layer
 
