@@ -48,8 +48,8 @@ orthogonal initialisation is flax's ``nn.initializers.orthogonal(scale=init_scal
   appendix D.2 ablation, Adam with inner lr 1e-2, i.e. outer lr 1e-4) and 1 in
   ``scripts/nlg_fewshot.py``. Optimiser there: AdamW(b1=0.9, b2=0.999, eps=1e-6).
 
-One deliberate difference, fixed by ``design.md``: the authors keep the orthonormal outer factors
-``U`` (m, r), ``V`` (n, r) apart from a depth-3 chain of (r, r) inner factors, ``U M3 M2 M1 V^T``
+One deliberate difference (the engine takes three factors): the authors keep the orthonormal
+outer factors ``U`` (m, r), ``V`` (n, r) apart from a depth-3 chain of (r, r) inner factors, ``U M3 M2 M1 V^T``
 (3 r^2 parameters more than LoRA). Here ``W3 = U M3``, ``W2 = M2``, ``W1 = M1 V^T``: the same
 end-to-end update at initialisation and r^2 parameters more than LoRA. Under plain gradient
 descent on deep matrix factorisation, training all three factors at one rate follows the paper's

@@ -13,7 +13,7 @@ Three variants of the multiplier, ``s = alpha / r``, ``B`` (m, r), ``A`` (r, m):
   weight ``s B (A W0)`` has rank <= r. Computed as two skinny GEMMs, ``bias + s (x A_eff^T) B^T``,
   in plain PyTorch on every backend (the frozen base GEMM disappears altogether).
 
-Initialisation (authors' code, Exploration-Lab/LoRMA, and ``methods.md``):
+Initialisation (the authors' code, Exploration-Lab/LoRMA):
 
 * plus: ``A = 0``, ``B`` Kaiming-uniform(a=sqrt(5)): ``T = I`` at init. (The authors' GPT-2 code
   does this; their GLUE/MetaMath ``rri`` code swaps the roles, ``B = 0``, ``A`` Kaiming; both give
