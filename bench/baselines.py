@@ -3,6 +3,8 @@
 * ``TorchLoRALinear``, ``TorchDeepLoRALinear``, ``TorchLoRMAPlusLinear``: each adapter written the
   plain way, one eager PyTorch op per term, adapter weights in the layer's dtype. This is what a
   user writes by hand, and autograd keeps whatever each op saves.
+* :class:`LeanLoRALinear`, :class:`LeanVeRALinear`: every product in cuBLAS with a hand-written
+  save-little backward (the unsloth pattern): the best path a careful engineer writes without Triton.
 * :func:`peft_lora_layer` and :func:`peft_vera_layer`: the installed PEFT layers, built by
   ``peft.get_peft_model`` exactly as users build them (so with PEFT's own defaults, e.g. fp32
   adapter weights in a 16-bit model) and then taken out of the wrapper model.
@@ -124,3 +126,82 @@ def peft_vera_layer(base_layer: nn.Linear, r: int, *, projection_seed: int = 0) 
     with torch.no_grad():  # lambda_b starts at zero; non-zero like a trained layer
         layer.vera_lambda_b["default"].fill_(0.5)
     return layer
+
+
+# ------------------------------------------------------------------------- lean cuBLAS baseline
+
+
+class _LeanLowRank(torch.autograd.Function):
+    """``y = x W^T + bias + (s * d * (x A^T)) (b * B)^T``, every product a cuBLAS GEMM, with a
+    save-little backward written by hand (the pattern unsloth's LoRA kernels use).
+
+    Saves ``x`` (only when ``A`` trains) and ``x A^T`` (tokens, r): no (tokens, out) tensor. The
+    small vectors ``d``, ``b`` and the (out, r), (r,) reductions stay in their own (fp32) dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, d, b, scale):
+        xa = x @ A.T
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dscale = d.to(acc) * scale if d is not None else torch.full((A.shape[0],), scale, device=x.device, dtype=acc)
+        up = B * b[:, None] if b is not None else B
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        y.addmm_((xa * dscale).to(y.dtype), up.to(y.dtype).T)
+        ctx.save_for_backward(x if A.requires_grad else None, xa, weight, A, B, d, b, dscale)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xa, weight, A, B, d, b, dscale = ctx.saved_tensors
+        up = (B * b[:, None] if b is not None else B).to(g.dtype)
+        g_rank = g @ up  # (b * g) B, (tokens, r)
+        gh = (g_rank * dscale).to(g.dtype)
+        grad_x = torch.addmm(g @ weight, gh, A) if ctx.needs_input_grad[0] else None
+        grad_A = gh.T @ x if ctx.needs_input_grad[3] else None
+        grads_dbB = [None, None, None]
+        if any(ctx.needs_input_grad[4:7]):
+            P = (g.T @ xa).to(dscale.dtype)  # (out, r): one product gives grad_B, grad_d and grad_b
+            if ctx.needs_input_grad[4]:
+                grads_dbB[0] = (P * dscale * (b[:, None] if b is not None else 1.0)).to(B.dtype)
+            if ctx.needs_input_grad[5]:
+                grads_dbB[1] = ctx.scale * ((b[:, None] if b is not None else 1.0) * B.to(P.dtype) * P).sum(0)
+            if ctx.needs_input_grad[6]:
+                grads_dbB[2] = (B.to(P.dtype) * P * dscale).sum(1)
+        grad_B, grad_d, grad_b = grads_dbB
+        return grad_x, None, None, grad_A, grad_B, grad_d, grad_b, None
+
+
+class LeanLoRALinear(nn.Module):
+    """LoRA on cuBLAS with a hand-written save-little backward (:class:`_LeanLowRank`)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 8.0) -> None:
+        super().__init__()
+        self.base_layer = _frozen(base_layer)
+        w = base_layer.weight
+        self.scale = alpha / r
+        self.lora_A = _param((r, base_layer.in_features), w, 1 / math.sqrt(base_layer.in_features))
+        self.lora_B = _param((base_layer.out_features, r), w, 1 / math.sqrt(r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return _LeanLowRank.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, None, None, self.scale)
+
+
+class LeanVeRALinear(nn.Module):
+    """VeRA on cuBLAS with a hand-written save-little backward; frozen 16-bit projections, fp32 vectors."""
+
+    def __init__(self, base_layer: nn.Linear, r: int) -> None:
+        super().__init__()
+        self.base_layer = _frozen(base_layer)
+        w = base_layer.weight
+        self.register_buffer("vera_A", torch.randn(r, base_layer.in_features, device=w.device, dtype=w.dtype)
+                             / math.sqrt(base_layer.in_features))
+        self.register_buffer("vera_B", torch.randn(base_layer.out_features, r, device=w.device, dtype=w.dtype)
+                             / math.sqrt(r))
+        self.lambda_d = nn.Parameter(torch.full((r,), 0.1, device=w.device))
+        self.lambda_b = nn.Parameter(torch.full((base_layer.out_features,), 0.5, device=w.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return _LeanLowRank.apply(x, base.weight, base.bias, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b, 1.0)
