@@ -57,6 +57,8 @@ IMPLS: dict[str, Impl] = {
         Impl("peft_vera", "vera", False, "PEFT VeRA", baselines.peft_vera_layer),
         Impl("peft_lora", "lora", False, "PEFT LoRA", baselines.peft_lora_layer),
         Impl("torch_lora", "lora", False, "unfused LoRA (torch)", baselines.TorchLoRALinear),
+        Impl("lean_lora", "lora", False, "lean LoRA (cuBLAS, custom autograd)", baselines.LeanLoRALinear),
+        Impl("lean_vera", "vera", False, "lean VeRA (cuBLAS, custom autograd)", baselines.LeanVeRALinear),
         Impl("torch_deep_lora", "deep_lora", False, "unfused Deep LoRA (torch)", baselines.TorchDeepLoRALinear),
         Impl("torch_lorma", "lorma", False, "unfused LoRMA+ (torch)", baselines.TorchLoRMAPlusLinear),
     )
@@ -67,6 +69,8 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("fused_vera", "peft_vera"),
     ("fused_lora", "peft_lora"),
     ("fused_lora", "torch_lora"),
+    ("fused_vera", "lean_vera"),
+    ("fused_lora", "lean_lora"),
     ("fused_deep_lora", "torch_deep_lora"),
     ("fused_lorma", "torch_lorma"),
 )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
+from pefttriton.ops.validation import check_x_and_weight
 
 
 def _peft_lora_A(r: int, in_features: int, out_features: int) -> torch.Tensor:
@@ -109,6 +110,7 @@ class FusedLoRALinear(AdapterLayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dropout > 0.0 and self.training:
             # Unfused on purpose: the base GEMM needs x and the adapter dropout(x) (see class doc).
+            check_x_and_weight(x, self.base_layer.weight)
             A, B, _, _, scale = self.engine_inputs(self.base_layer.weight.dtype)
             base = F.linear(x, self.base_layer.weight, self.base_layer.bias)
             return base + scale * F.linear(F.linear(self.lora_dropout(x), A), B)

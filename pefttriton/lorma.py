@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
+from pefttriton.ops.validation import check_x_and_weight
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
 
 VARIANTS = ("plus", "pi", "naive")
@@ -133,6 +134,7 @@ class FusedLoRMALinear(AdapterLayer):
             return lorma_pi_linear(x, weight, bias, self.lorma_A, self.lorma_B, scale=self.scale)
         if self.variant == "plus":
             return super().adapted_forward(x)
+        check_x_and_weight(x, weight)
         a_eff, B, _, _, scale = self.engine_inputs(weight.dtype)  # naive: no base GEMM at all
         return F.linear(F.linear(x, a_eff), B * scale, bias)
 

@@ -1,4 +1,4 @@
-"""Shared test setup.
+"""Shared test setup: the interpreter switch and the fixtures (shared helpers live in helpers.py).
 
 There is no GPU on the test machines: the Triton kernels run on the CPU under Triton's
 interpreter. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so it
@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from helpers import BACKENDS
 
 
 def pytest_configure(config):
@@ -25,9 +26,6 @@ def pytest_configure(config):
         raise RuntimeError(
             "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
         )
-
-
-BACKENDS = ("torch", "triton")
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +52,3 @@ def gen():
     """A seeded CPU generator, so every test draws the same inputs on every run."""
     return torch.Generator(device="cpu").manual_seed(1234)
 
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual - expected| / max|expected|, computed in float64."""
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values in the result"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    return diff / max(scale, 1e-300)

@@ -12,8 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
-from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
+from helpers import model_output, rel_err, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 

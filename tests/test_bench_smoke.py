@@ -6,20 +6,15 @@ multiply-adds each product costs), or from ``torch.utils.flop_counter``, never f
 
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed, only pefttriton
-
-from bench import baselines, cases, measure, roofline, runner  # noqa: E402
-
-import pefttriton  # noqa: E402
-from pefttriton import FusedVeRALinear  # noqa: E402
+import pefttriton
+from bench import baselines, cases, cli, measure, roofline  # not installed: pytest.ini puts the repository root on the path
+from pefttriton import FusedVeRALinear
 
 ops = importlib.import_module("pefttriton.ops.lowrank_linear")  # the module; the package exports the function
 
@@ -34,7 +29,7 @@ def test_main_job_writes_labelled_results(tmp_path, monkeypatch, capsys):
     # An adapter that cannot be imported must be reported, not dropped.
     monkeypatch.setitem(cases.IMPLS, "fused_lorma", cases.Impl("fused_lorma", "lorma", True, "FusedLoRMALinear(plus)", _missing))
     tokens, n, m, r = (32, 80), 48, 40, 8
-    code = runner.main([
+    code = cli.main([
         "--device", "cpu", "--tokens", ",".join(map(str, tokens)), "--layers", f"{n}x{m}", "--vera-r", str(r),
         "--lora-r", "3", "--rounds", "2", "--min-seconds", "0", "--no-progress", "--out", str(tmp_path),
         "--impls", "fused_vera,peft_vera,peft_lora,torch_lora,torch_deep_lora,torch_lorma,fused_lorma",
@@ -169,3 +164,37 @@ def test_probe_says_why_an_adapter_is_missing():
 def test_relative_spread_is_half_the_interquartile_range_over_the_median():
     assert measure.relative_spread([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((4 - 2) / 2 / 3)
     assert measure.relative_spread([7.0]) == 0.0
+
+
+@pytest.mark.parametrize("cls", [baselines.LeanLoRALinear, baselines.LeanVeRALinear])
+def test_lean_baselines_against_float64_reference(cls):
+    """The lean cuBLAS baselines compute the engine's formula, forward and every gradient, and
+    keep no (tokens, out) tensor for backward."""
+    from helpers import rel_err
+
+    from pefttriton.ops.naive import lowrank_linear_reference
+
+    torch.manual_seed(0)
+    base = nn.Linear(13, 11).double()
+    layer = cls(base, 5).double()
+    x = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    if cls is baselines.LeanLoRALinear:
+        A, B, d, b, scale = layer.lora_A, layer.lora_B, None, None, layer.scale
+    else:
+        A, B, d, b, scale = layer.vera_A, layer.vera_B, layer.lambda_d, layer.lambda_b, 1.0
+    leaves = {id(t): t.detach().clone().requires_grad_(t.requires_grad) for t in (A, B, d, b) if t is not None}
+    x_ref = x.detach().requires_grad_(True)
+    ref = lowrank_linear_reference(x_ref, base.weight, base.bias, *[leaves.get(id(t)) if t is not None else None
+                                                                    for t in (A, B, d, b)], scale=scale)
+    ref.backward(g)
+    assert rel_err(y, ref) < 1e-12 and rel_err(x.grad, x_ref.grad) < 1e-12
+    for p in trained:
+        assert rel_err(p.grad, leaves[id(p)].grad) < 1e-12
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        layer(x)
+    assert (7, 5) in shapes and (7, 11) not in shapes  # x A^T kept, nothing of y's size

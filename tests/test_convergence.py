@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 from peft import VeraConfig, get_peft_model
-from test_inject import tiny_llama
+from helpers import tiny_llama
 
 from pefttriton.config import VeRAConfig
 from pefttriton.injection import inject

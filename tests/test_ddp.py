@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rel_err, tiny_llama
 
 STEPS = 3
 WORLD = 2
@@ -27,8 +28,6 @@ TIMEOUT_S = 150
 
 def _build():
     """The model every process builds: tiny Llama, VeRA on q/v/down, non-zero lambdas."""
-    from test_inject import tiny_llama
-
     from pefttriton.config import VeRAConfig
     from pefttriton.injection import inject
 
@@ -105,7 +104,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    # The workers import helpers (tests/) and, like pytest, find the repository root on the path.
+    here = Path(__file__).resolve().parent
+    pythonpath = os.pathsep.join([str(here), str(here.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {
+        **os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
+        "PYTHONPATH": pythonpath,
+    }
     port = _free_port()
     start = time.perf_counter()
     procs = [
@@ -131,8 +136,6 @@ def ddp_results(tmp_path_factory):
 
 
 def test_ddp_gradients_equal_single_process(backend, ddp_results):
-    from conftest import rel_err
-
     results, elapsed = ddp_results
     rank0, rank1 = results[0][backend], results[1][backend]
     # the shared projections: identical on every rank, and the seed's (not the global RNG's) draw
@@ -163,8 +166,8 @@ def test_ddp_gradients_equal_single_process(backend, ddp_results):
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         # The interpreter must be on before pefttriton is imported, as under pytest (conftest.py).
+        # (The fixture sets it in the environment too; PYTHONPATH there makes helpers importable.)
         os.environ["TRITON_INTERPRET"] = "1"
-        sys.path.insert(0, str(Path(__file__).parent))
         _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     else:
         raise SystemExit("usage: python test_ddp.py --worker RANK PORT OUT_DIR")

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 import pefttriton
@@ -114,43 +114,14 @@ def test_default_initialisation_is_scaled_orthogonal(backend, gen):
     assert rel_err(layer(x), ref) < 1e-12
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
-def test_merge_unmerge(backend, gen, dtype, tol):
-    layer = FusedDeepLoRALinear(nn.Linear(37, 29).to(dtype), 5)
-    _randomize(layer, gen)
-    original = layer.base_layer.weight.detach().clone()
-    x = torch.randn(4, 37, generator=gen, dtype=dtype)
-    with torch.no_grad():
-        y_unmerged = layer(x)
-        layer.merge()
-        assert layer.merged and "merged=True" in repr(layer)
-        y_merged = layer(x)
-    assert rel_err(y_merged, y_unmerged) < tol
-    delta = layer.W3.detach().double() @ layer.W2.detach().double() @ layer.W1.detach().double()
-    assert rel_err(layer.base_layer.weight - original, delta) < tol
-    with pytest.warns(UserWarning, match="already merged"):
-        layer.merge()
-    layer.unmerge()
-    assert rel_err(layer.base_layer.weight, original) < tol
-    with pytest.warns(UserWarning, match="not merged"):
-        layer.unmerge()
+# (Merge / unmerge, construction errors, the forward's input check and extra_repr:
+# tests/test_adapter_contract.py, for every adapter.)
 
 
-def test_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="nn.Linear"):
-        FusedDeepLoRALinear(nn.Conv1d(4, 4, 1), 2)
-    for r in (0, -2, 1.5, True):
-        with pytest.raises(ValueError, match="r must be a positive int"):
-            FusedDeepLoRALinear(nn.Linear(8, 8), r)
+def test_rejects_bad_eps():
     for eps in (0.0, -1e-3, float("inf"), "1e-3"):
         with pytest.raises(ValueError, match="eps must be a positive finite float"):
             FusedDeepLoRALinear(nn.Linear(8, 8), 2, eps=eps)
-    layer = FusedDeepLoRALinear(nn.Linear(8, 6), 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
-        layer(torch.randn(3, 7))
-    text = repr(FusedDeepLoRALinear(nn.Linear(8, 6), 2, eps=0.01))
-    for part in ("in_features=8", "out_features=6", "r=2", "eps=0.01", "merged=False"):
-        assert part in text
 
 
 # ---------------------------------------------------------------------- compression recipe

@@ -13,19 +13,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import VOCAB, model_output, randomize_adapters, rel_err, tiny_encoder, tiny_gpt2, tiny_llama, token_ids
 from peft.tuners.vera.model import _kaiming_init
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaModel,
-)
 from transformers.pytorch_utils import Conv1D
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
@@ -35,52 +25,7 @@ from pefttriton.surgery import adapter_layers, matches
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
-VOCAB = 37
-
-# ----------------------------------------------------------------------------- tiny models (shared)
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """Llama, 2 layers: q/o 30x30, k/v 10x30 (one kv head), gate/up 45x30, down 30x45; no bias."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=30, intermediate_size=45, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> nn.Module:
-    """GPT-2, 2 layers, width 28: c_attn 28->84, c_proj 28->28, c_fc 28->112, mlp c_proj 112->28 (Conv1D)."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=28, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_encoder(family: str, seed: int = 0) -> nn.Module:
-    """BERT or RoBERTa, 2 layers, width 28, intermediate 45."""
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=28, num_hidden_layers=2, num_attention_heads=4, intermediate_size=45)
-    if family == "bert":
-        return BertModel(BertConfig(**kw), add_pooling_layer=False).eval()
-    return RobertaModel(RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **kw), add_pooling_layer=False).eval()
-
-
-def token_ids(gen: torch.Generator, batch: int = 2, length: int = 9) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=gen)
-
-
-def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def randomize_adapters(model: nn.Module, gen: torch.Generator, scale: float = 0.5) -> None:
-    """Non-zero values in every trainable parameter (at init, lambda_b / lora_B are 0)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+# ----------------------------------------------------------------------------- PEFT's projections
 
 
 def peft_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,42 +258,8 @@ def test_deep_lora_llama(backend, gen):
     check_against_reference(model, ref, token_ids(gen), gen, tol_out=1e-5, tol_grad=1e-4)
 
 
-def _lorma_available() -> bool:
-    try:
-        import pefttriton.lorma  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("adapter", ["vera", "lora", "deep_lora"] + (["lorma"] if _lorma_available() else []))
-def test_merge_and_unload_every_adapter(gen, adapter):
-    configs = {
-        "vera": VeRAConfig(r=4, target_modules=["q_proj", "down_proj"]),
-        "lora": LoRAConfig(r=4, target_modules=["q_proj", "down_proj"]),
-        "deep_lora": DeepLoRAConfig(r=4, eps=0.3, target_modules=["q_proj", "down_proj"]),
-        "lorma": LoRMAConfig(r=4, target_modules=["q_proj", "down_proj"]),
-    }
-    base = tiny_llama()
-    model = inject(copy.deepcopy(base), configs[adapter])
-    randomize_adapters(model, gen, scale=0.2)
-    ids = token_ids(gen)
-    layers = dict(adapter_layers(model))
-    next(iter(layers.values())).merge()  # an already merged layer is taken as it is
-    with torch.no_grad():
-        y = model_output(model, ids)
-        expected = {
-            name: base.get_submodule(name).weight.double() + layer.delta_weight().double()
-            for name, layer in layers.items()
-        }
-        out = merge_and_unload(model)
-    assert out is model and not adapter_layers(model)
-    for name, weight in expected.items():
-        module = model.get_submodule(name)
-        assert type(module) is nn.Linear
-        assert rel_err(module.weight, weight) < 1e-6
-    with torch.no_grad():
-        assert rel_err(model_output(model, ids), y) < 1e-5
+# (merge_and_unload for every adapter, nn.Linear and Conv1D, with a layer already merged:
+# tests/test_adapter_contract.py::test_inject_and_merge_and_unload.)
 
 
 def test_two_injections_keep_both_adapters_trainable(gen):

@@ -7,7 +7,7 @@ float64 copies of the very same inputs and differentiated by plain autograd.
 
 import pytest
 import torch
-from conftest import BACKENDS, rel_err
+from helpers import BACKENDS, rel_err
 
 import pefttriton
 from pefttriton import lowrank_linear

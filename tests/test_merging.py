@@ -1,51 +1,26 @@
-"""Merging: ``safe_merge`` refuses broken adapters, and tied weights are never changed behind the user's back."""
+"""Merging models: ``merge_and_unload(safe_merge=True)`` refuses broken adapters, and tied weights
+are never changed behind the user's back.
+
+(Each layer's own ``merge(safe_merge=True)``, refusing NaN and passing finite adapters, is in
+tests/test_adapter_contract.py, for every adapter.)
+"""
 
 import copy
 import warnings
 
 import pytest
 import torch
-from conftest import rel_err
-from test_inject import model_output, tiny_gpt2, token_ids
+from helpers import model_output, rel_err, tiny_gpt2, token_ids
 from torch import nn
 
 import pefttriton
 from pefttriton import LoRAConfig, inject, merge_and_unload
-
-LAYERS = {
-    "vera": lambda base: pefttriton.FusedVeRALinear(base, 4),
-    "lora": lambda base: pefttriton.FusedLoRALinear(base, 4),
-    "deep_lora": lambda base: pefttriton.FusedDeepLoRALinear(base, 4),
-    "lorma_plus": lambda base: pefttriton.FusedLoRMALinear(base, 4, variant="plus"),
-    "lorma_pi": lambda base: pefttriton.FusedLoRMALinear(base, 4, variant="pi"),
-}
 
 
 def _break(layer):
     """Put a NaN into the first trainable adapter tensor."""
     with torch.no_grad():
         next(p for p in layer.parameters() if p.requires_grad).view(-1)[0] = float("nan")
-
-
-@pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_safe_merge_refuses_nan_and_leaves_weight(kind):
-    layer = LAYERS[kind](nn.Linear(8, 6))
-    _break(layer)
-    before = layer.base_layer.weight.detach().clone()
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        layer.merge(safe_merge=True)
-    assert torch.equal(layer.base_layer.weight, before) and not layer.merged
-    layer.merge()  # without safe_merge it merges, as PEFT does
-    assert layer.merged and not torch.isfinite(layer.base_layer.weight).all()
-
-
-@pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_safe_merge_passes_finite_adapters(gen, kind):
-    layer = LAYERS[kind](nn.Linear(8, 6))
-    x = torch.randn(3, 8, generator=gen)
-    expected = layer(x).detach()
-    layer.merge(safe_merge=True)
-    assert rel_err(layer(x), expected) < 1e-5
 
 
 def test_merge_and_unload_safe_merge_changes_nothing_on_failure(gen):

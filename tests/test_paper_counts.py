@@ -16,7 +16,7 @@ needs shapes only.
 """
 
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 from pefttriton.config import VeRAConfig

@@ -18,10 +18,9 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import rel_err
+from helpers import model_output, rel_err, tiny_encoder, tiny_gpt2, tiny_llama, token_ids
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_inject import model_output, tiny_encoder, tiny_gpt2, tiny_llama, token_ids
 
 from pefttriton.config import DeepLoRAConfig, LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
 from pefttriton.injection import inject

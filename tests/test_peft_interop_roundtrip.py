@@ -19,12 +19,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import model_output, rel_err, tiny_gpt2, tiny_llama, token_ids
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
-from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 

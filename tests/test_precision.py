@@ -11,7 +11,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from pefttriton import lowrank_linear
 from pefttriton.ops.lowrank_linear import split_scale

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 from safetensors import safe_open
-from test_inject import model_output, tiny_gpt2, tiny_llama, token_ids
+from helpers import model_output, randomize_adapters, tiny_gpt2, tiny_llama, token_ids
 
-from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.config import LoRAConfig, LoRMAConfig, VeRAConfig
 from pefttriton.injection import inject
 from pefttriton.surgery import adapter_layers
 from pefttriton.save import load_adapter, read_adapter, save_adapter
@@ -16,10 +16,7 @@ from pefttriton.vera import VeRAProjections
 
 
 def _randomize(model, gen):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+    randomize_adapters(model, gen, scale=1.0)
 
 
 def _file_keys(path):
@@ -72,39 +69,6 @@ def test_vera_projections_stored_when_not_redrawable(tmp_path, gen):
     keys = _file_keys(tmp_path / "a.safetensors")
     assert {"__projections__.0.vera_A", "__projections__.0.vera_B"} <= keys
     _assert_bit_identical(load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors"), model, token_ids(gen))
-
-
-def _lorma_available() -> bool:
-    try:
-        import pefttriton.lorma  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("adapter", ["lora", "deep_lora"] + (["lorma"] if _lorma_available() else []))
-def test_round_trip_lora_family_gpt2(tmp_path, gen, adapter):
-    base = tiny_gpt2()
-    cfg = {
-        "lora": LoRAConfig(r=3, lora_alpha=5.0, lora_dropout=0.1, target_modules=["c_attn", "c_fc"]),
-        "deep_lora": DeepLoRAConfig(r=2, eps=0.25, target_modules=["c_attn", "c_fc"]),
-        "lorma": LoRMAConfig(r=3, alpha=2.0, variant="pi", target_modules=["c_attn", "c_fc"]),
-    }[adapter]
-    model = inject(copy.deepcopy(base), cfg).eval()
-    _randomize(model, gen)
-    save_adapter(model, tmp_path / "a.safetensors")
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert _file_keys(tmp_path / "a.safetensors") == expected
-    loaded = load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors").eval()
-    for _, layer in adapter_layers(loaded):
-        assert layer.fan_in_fan_out
-        if adapter == "lora":
-            assert layer.alpha == 5.0 and layer.dropout == 0.1
-        elif adapter == "deep_lora":
-            assert layer.eps == 0.25
-        else:
-            assert layer.alpha == 2.0 and layer.variant == "pi"
-    _assert_bit_identical(loaded, model, token_ids(gen))
 
 
 def test_head_merged_layer_and_existing_fused_layers(tmp_path, gen):
@@ -163,40 +127,24 @@ def _rewrite(src, dst, edit_meta=None, edit_tensors=None):
     return dst
 
 
-# Per adapter: the config saved, a config for a model that already holds fused layers with other
-# settings (same type, rank and, for LoRMA, variant), and the settings every loaded layer must end
-# up with, written out by hand from the saved config.
-_SETTINGS_CASES = {
-    "vera": (
-        VeRAConfig(r=4, d_initial=0.37, target_modules=["q_proj", "up_proj"]),
-        VeRAConfig(r=4, target_modules=["q_proj", "up_proj"]),
-        {"d_initial": 0.37},
-    ),
-    "lora": (  # rsLoRA: scale = alpha / sqrt(r) = 6 / 2
-        LoRAConfig(r=4, lora_alpha=6.0, lora_dropout=0.2, use_rslora=True, target_modules=["q_proj", "up_proj"]),
-        LoRAConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "up_proj"]),
-        {"alpha": 6.0, "dropout": 0.2, "use_rslora": True, "scale": 3.0},
-    ),
-    "deep_lora": (
-        DeepLoRAConfig(r=3, eps=0.25, target_modules=["q_proj", "up_proj"]),
-        DeepLoRAConfig(r=3, target_modules=["q_proj", "up_proj"]),
-        {"eps": 0.25},
-    ),
-}
-if _lorma_available():
-    _SETTINGS_CASES["lorma"] = (
-        LoRMAConfig(r=3, alpha=2.0, variant="pi", target_modules=["q_proj", "up_proj"]),
-        LoRMAConfig(r=3, variant="pi", target_modules=["q_proj", "up_proj"]),
-        {"alpha": 2.0, "scale": 2.0 / 3.0, "variant": "pi"},
-    )
+# The config saved, a config for a model that already holds fused layers with other settings
+# (same type and rank), and the settings every loaded layer must end up with, written out by hand
+# from the saved config. (Every adapter's settings, its merged flag and a bit-exact round trip, into
+# a plain model and onto fused layers, with an nn.Linear and a GPT-2 Conv1D:
+# tests/test_adapter_contract.py::test_save_load_round_trip_is_bit_exact.)
+_LORA_SETTINGS = (  # rsLoRA: scale = alpha / sqrt(r) = 6 / 2
+    LoRAConfig(r=4, lora_alpha=6.0, lora_dropout=0.2, use_rslora=True, target_modules=["q_proj", "up_proj"]),
+    LoRAConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "up_proj"]),
+    {"alpha": 6.0, "dropout": 0.2, "use_rslora": True, "scale": 3.0},
+)
 
 
 @pytest.mark.parametrize("into", ["plain", "fused"])
-@pytest.mark.parametrize("adapter", sorted(_SETTINGS_CASES))
-def test_every_setting_restored(tmp_path, gen, adapter, into):
-    """Every constructor setting (and LoRA's scale) comes back, into a plain model and onto fused
-    layers that hold other values; a layer saved merged is merged with the restored settings."""
-    saved_cfg, other_cfg, expected = _SETTINGS_CASES[adapter]
+def test_lora_settings_and_dropout_restored(tmp_path, gen, into):
+    """LoRA's settings, its scale and its dropout module come back, into a plain model and onto
+    fused layers that hold other values; a layer saved merged is merged with the restored
+    settings; in training, the same dropout draws give the same outputs."""
+    saved_cfg, other_cfg, expected = _LORA_SETTINGS
     base = tiny_llama()
     model = inject(copy.deepcopy(base), saved_cfg).eval()
     _randomize(model, gen)
@@ -209,20 +157,19 @@ def test_every_setting_restored(tmp_path, gen, adapter, into):
     for name, layer in layers:
         for attr, value in expected.items():
             assert getattr(layer, attr) == value, (name, attr)
-        if adapter == "lora":  # as the constructor makes it for dropout 0.2
-            assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.2
+        # as the constructor makes it for dropout 0.2
+        assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.2
     _assert_bit_identical(loaded, model, token_ids(gen))
-    if adapter == "lora":  # in training, the same dropout draws give the same outputs
-        model.train(), loaded.train()
-        ids = token_ids(gen)
-        torch.manual_seed(5)
-        want = model_output(model, ids)
-        torch.manual_seed(5)
-        got = model_output(loaded, ids)
-        assert torch.equal(got, want)
-        model.eval()
-        torch.manual_seed(5)
-        assert not torch.equal(model_output(loaded, ids), model_output(model, ids))  # dropout was active
+    model.train(), loaded.train()
+    ids = token_ids(gen)
+    torch.manual_seed(5)
+    want = model_output(model, ids)
+    torch.manual_seed(5)
+    got = model_output(loaded, ids)
+    assert torch.equal(got, want)
+    model.eval()
+    torch.manual_seed(5)
+    assert not torch.equal(model_output(loaded, ids), model_output(model, ids))  # dropout was active
 
 
 def test_lora_dropout_zero_restored_as_identity(tmp_path, gen):
@@ -247,7 +194,6 @@ def test_vera_d_initial_in_metadata(tmp_path):
     assert all(spec["kwargs"] == {"d_initial": 0.37} for spec in meta["layers"].values())
 
 
-@pytest.mark.skipif(not _lorma_available(), reason="pefttriton.lorma not present")
 def test_lorma_variant_mismatch_refused(tmp_path):
     base = tiny_llama()
     model = inject(copy.deepcopy(base), LoRMAConfig(r=3, variant="plus", target_modules=["q_proj"]))
@@ -463,7 +409,6 @@ def test_failed_load_changes_nothing(tmp_path, _atomic_setup, mode):
     assert len(adapter_layers(target)) == 8
 
 
-@pytest.mark.skipif(not _lorma_available(), reason="pefttriton.lorma not present")
 def test_merged_lorma_that_cannot_unmerge_refused_before_any_change(tmp_path, gen):
     import pefttriton.lorma
 

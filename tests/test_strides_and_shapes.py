@@ -8,7 +8,7 @@ relative errors of order 1 here (an expanded vector was read past its end).
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from pefttriton import lorma_pi_linear, lowrank_linear
 from pefttriton.ops.naive import lorma_pi_linear_reference, lowrank_linear_reference
