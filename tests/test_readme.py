@@ -37,3 +37,30 @@ def test_readme_use_in_models_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "peft_dir").is_dir()
     # lambda_b starts at zero: after merge_and_unload the model computes what it did before
     torch.testing.assert_close(namespace["model"](ids).logits, expected)
+
+
+def test_readme_new_adapter_example_runs(tmp_path):
+    """The "A new adapter" block registers an adapter that inject, save/load and merge then handle."""
+    import pefttriton
+    from pefttriton.registry import unregister_adapter
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "register_adapter" in b)
+    namespace: dict = {}
+    try:
+        exec(compile(code, str(README), "exec"), namespace)
+        model = namespace["model"]
+        layer = model[0]
+        assert type(layer).__name__ == "ScaledLoRALinear" and layer.gain == 1.0
+        with torch.no_grad():
+            layer.B.normal_()
+        x = torch.randn(3, 16)
+        expected = layer.base_layer(x) + (x @ layer.A.T) @ layer.B.T
+        torch.testing.assert_close(model(x), expected)
+        pefttriton.save_adapter(model, tmp_path / "a.safetensors")
+        fresh = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        fresh[0].load_state_dict(layer.base_layer.state_dict())
+        torch.testing.assert_close(pefttriton.load_adapter(fresh, tmp_path / "a.safetensors")(x), expected)
+        torch.testing.assert_close(pefttriton.merge_and_unload(model)(x), expected)
+    finally:
+        unregister_adapter("scaled_lora")
