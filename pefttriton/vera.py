@@ -17,7 +17,7 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
     # PEFT's ``_kaiming_init``: fp32 on the CPU, bound sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1].
     # A zero-sized shape draws nothing (PEFT's init is a no-op there too).
     bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(max(shape[1], 1))
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
 
 
 class VeRAProjections(nn.Module):

@@ -1,23 +1,40 @@
-"""Shared test setup: the interpreter switch and the fixtures (shared helpers live in helpers.py).
+"""Shared test setup: the device and interpreter switch and the fixtures (helpers live in helpers.py).
 
-There is no GPU on the test machines: the Triton kernels run on the CPU under Triton's
-interpreter. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so it
-must be set before pefttriton (and with it ``pefttriton.kernels``) is imported: ``pytest_configure``
-runs before any test module is imported, and this file imports pefttriton only inside fixtures.
+``PEFTTRITON_TEST_DEVICE`` chooses where the suite runs:
 
-Under ``pytest --benchmark-only`` (which also loads this file through ``testpaths``) the
-interpreter is left off, so that benchmarks on a GPU time the compiled kernels.
+* ``cpu`` (the default; CI): the Triton kernels run in Triton's interpreter. Triton reads
+  ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so it is set in
+  ``pytest_configure``, before any test module imports pefttriton.
+* ``cuda``: the same tests on CUDA tensors with compiled kernels (no interpreter):
+  ``torch.set_default_device("cuda")`` puts every tensor a test makes without a device on the GPU,
+  and the ``gen`` fixture draws there. Tests that are CPU-specific by nature carry the ``cpu_only``
+  marker and are skipped. Without a GPU this setting stops the run at once with a clear message.
+
+Under ``pytest --benchmark-only`` the tests here are not collected (so they are not reported as
+skipped) and the interpreter stays off, so that benchmarks on a GPU time the compiled kernels.
 """
 
 import os
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE, TEST_DEVICE
+
+DEVICES = ("cpu", "cuda")
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only: CPU-specific by nature; skipped with PEFTTRITON_TEST_DEVICE=cuda")
     if config.getoption("benchmark_only", default=False):
+        return
+    if TEST_DEVICE not in DEVICES:
+        raise pytest.UsageError(f"PEFTTRITON_TEST_DEVICE must be one of {DEVICES}, got {TEST_DEVICE!r}")
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("PEFTTRITON_TEST_DEVICE=cuda but torch sees no CUDA device; unset it to test on the CPU")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise pytest.UsageError("PEFTTRITON_TEST_DEVICE=cuda tests the compiled kernels: unset TRITON_INTERPRET")
+        torch.set_default_device("cuda")
         return
     os.environ["TRITON_INTERPRET"] = "1"
     from pefttriton.kernels import launch
@@ -26,6 +43,20 @@ def pytest_configure(config):
         raise RuntimeError(
             "pefttriton.kernels was imported before TRITON_INTERPRET=1 was set; the Triton tests cannot run on the CPU"
         )
+
+
+def pytest_ignore_collect(collection_path, config):
+    if config.getoption("benchmark_only", default=False) and collection_path.name != "conftest.py":
+        return True  # benchmarks only: the tests are not collected, rather than reported as skipped
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type == "cuda":
+        skip = pytest.mark.skip(reason="CPU-specific (cpu_only); PEFTTRITON_TEST_DEVICE=cuda")
+        for item in items:
+            if "cpu_only" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +80,6 @@ def backend(request):
 
 @pytest.fixture
 def gen():
-    """A seeded CPU generator, so every test draws the same inputs on every run."""
-    return torch.Generator(device="cpu").manual_seed(1234)
+    """A seeded generator on the test device, so every test draws the same inputs on every run."""
+    return torch.Generator(device=DEVICE).manual_seed(1234)
 

@@ -6,8 +6,16 @@ so nothing here may import pefttriton at module level; transformers is imported 
 functions that build its models, so that loading conftest stays cheap.
 """
 
+import os
+
 import torch
 from torch import nn
+
+TEST_DEVICE = os.environ.get("PEFTTRITON_TEST_DEVICE", "") or "cpu"
+"""``PEFTTRITON_TEST_DEVICE`` as given (conftest.py refuses anything but ``cpu`` and ``cuda``)."""
+
+DEVICE = torch.device("cuda" if TEST_DEVICE == "cuda" else "cpu")
+"""Where the suite runs: the CPU (kernels in the interpreter) or the GPU (compiled kernels)."""
 
 BACKENDS = ("torch", "triton")
 """pefttriton's backends; the ``backend`` fixture of conftest.py runs a test once per entry."""

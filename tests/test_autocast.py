@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import model_output, rel_err, tiny_gpt2, tiny_llama, token_ids
+from helpers import DEVICE, model_output, rel_err, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 
@@ -40,7 +40,7 @@ def _bf16_reference(args, scale):
 
 def test_op_output_dtype_and_values(backend, gen):
     args = _inputs(gen)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         y = lowrank_linear(*args, scale=0.5)
     assert y.dtype == BF16
     assert rel_err(y, _bf16_reference(args, 0.5)) < TOL
@@ -49,7 +49,7 @@ def test_op_output_dtype_and_values(backend, gen):
 def test_op_backward_inside_autocast(backend, gen):
     """Backward run inside the autocast block: fp32 accumulators stay fp32, grads keep input dtypes."""
     args = [t.requires_grad_(True) for t in _inputs(gen)]
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         y = lowrank_linear(*args, scale=0.5)
         y.float().sum().backward()
     ref = [t.detach().to(BF16).double().requires_grad_(True) for t in args[:5]]
@@ -62,7 +62,7 @@ def test_op_backward_inside_autocast(backend, gen):
 
 def test_op_leaves_float64_alone(backend, gen):
     args = [t.double() for t in _inputs(gen)]
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         y = lowrank_linear(*args, scale=0.5)
     assert y.dtype == torch.float64
     assert rel_err(y, lowrank_linear_reference(*args, scale=0.5)) < 1e-12
@@ -71,7 +71,7 @@ def test_op_leaves_float64_alone(backend, gen):
 def test_lorma_pi_under_autocast(backend, gen):
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     x, w, bias, A, B = rnd(6, 10), rnd(9, 10) / 10**0.5, rnd(9), rnd(3, 9) / 3, rnd(9, 3)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         y = lorma_pi_linear(x, w, bias, A, B, scale=0.5)
     assert y.dtype == BF16
     ref = lorma_pi_linear_reference(*[t.to(BF16).double() for t in (x, w, bias)], A.double(), B.double(), scale=0.5)
@@ -86,7 +86,7 @@ def test_compiled_agrees_with_eager(backend, gen):
         return lowrank_linear(*a, scale=0.5)
 
     compiled = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, _: gm.forward))
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         eager, comp = f(*args), compiled(*args)
     assert eager.dtype == comp.dtype == BF16
     assert torch.equal(eager, comp)
@@ -112,7 +112,7 @@ def test_modules_train_under_autocast(backend, gen, kind):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     x = torch.randn(5, 10, generator=gen)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         y = layer(F.linear(x, torch.eye(10)))  # a bf16 activation, as between autocast layers
         assert y.dtype == BF16
         y.float().square().sum().backward()
@@ -133,11 +133,11 @@ def test_injected_models_under_autocast(backend, gen, family, config):
     config.target_modules = [t for t in config.target_modules if any(n.endswith(t) for n, _ in base.named_modules())]
     model = inject(copy.deepcopy(base), config)
     ids = token_ids(gen)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         logits = model_output(model, ids)
         loss = logits.float().logsumexp(-1).mean()
         loss.backward()
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE.type, BF16):
         plain = model_output(base, ids)  # adapters start at the base model: same logits up to rounding
     assert logits.dtype == plain.dtype
     assert rel_err(logits, plain) < 5e-2
@@ -154,7 +154,7 @@ def test_hf_trainer_bf16_on_cpu(tmp_path, gen):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = [{"input_ids": ids, "labels": ids} for ids in token_ids(gen, batch=8, length=9)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), bf16=True, use_cpu=True, per_device_train_batch_size=4, max_steps=3,
+        output_dir=str(tmp_path), bf16=True, use_cpu=DEVICE.type == "cpu", per_device_train_batch_size=4, max_steps=3,
         learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
         remove_unused_columns=False,
     )

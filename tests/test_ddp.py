@@ -20,6 +20,9 @@ import pytest
 import torch
 from helpers import rel_err, tiny_llama
 
+# gloo processes on the CPU, kernels in the interpreter: CPU-specific by nature.
+pytestmark = pytest.mark.cpu_only
+
 STEPS = 3
 WORLD = 2
 BACKENDS = ("torch", "triton")

@@ -374,6 +374,7 @@ def test_use_backend_restores_previous():
     assert pefttriton.get_backend() == "torch"
 
 
+@pytest.mark.cpu_only  # "auto" picks torch for CPU tensors
 @pytest.mark.parametrize("name,expect_triton", [("triton", True), ("torch", False), ("auto", False)])
 def test_backend_selects_implementation(gen, monkeypatch, name, expect_triton):
     """The chosen backend really runs: Triton launchers are called exactly under "triton"
@@ -390,6 +391,7 @@ def test_backend_selects_implementation(gen, monkeypatch, name, expect_triton):
         assert calls == {"fused_gemm": 0, "lowrank_grads": 0}
 
 
+@pytest.mark.cpu_only  # CPU tensors without the interpreter
 def test_triton_backend_on_cpu_without_interpreter_errors(gen, monkeypatch):
     from pefttriton.kernels import launch
 
