@@ -43,14 +43,15 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
 
 
 # Autotune configs per dot family, chosen so that every one compiles without spills for sm_80 and
-# sm_90 at every call site (``python -m pefttriton.kernel_report`` checks; a test enforces it).
+# sm_90 at every call site, with triton 3.6 (the oldest supported) and 3.9 (``python -m
+# pefttriton.kernel_report`` checks; a test enforces it for the installed Triton).
 # 16-bit: tutorial tile shapes, 8 warps for 128x128 (4 warps spill once the low-rank segment and
 # epilogue vectors are live), plus narrow tiles for the down projection, whose width is the rank.
 # fp32 IEEE dots run on FMA units and hold far more registers per tile, so their tiles are small.
 GEMM_CONFIGS = {
     "16-bit": [
         _config(128, 128, 64, 8, 3),
-        _config(128, 128, 32, 8, 4),
+        _config(128, 128, 32, 8, 2),  # 3 or 4 stages spill 8 bytes (split grad_x, sm_80) with triton 3.6 or 3.9
         _config(128, 64, 32, 4, 4),
         _config(64, 128, 32, 4, 4),
         _config(64, 64, 32, 4, 4),
@@ -62,7 +63,7 @@ GEMM_CONFIGS = {
         _config(128, 128, 16, 8, 3),
         _config(64, 64, 16, 4, 3),
         _config(32, 64, 32, 4, 3),
-        _config(64, 32, 16, 4, 3),
+        _config(64, 32, 16, 4, 2),  # 3 stages spill 8 bytes on sm_90 with triton 3.6
     ],
     "tf32": [
         _config(128, 128, 32, 8, 3),
@@ -78,8 +79,9 @@ INTERPRET_GEMM_CONFIGS = [_config(32, 32, 32, 4, 1)]
 # (they size the partial-sum buffers), only the sweep over the output columns is tuned. With
 # 4 warps, or BLOCK_N=64, it spills at BLOCK_R=64; these two do not, for every dtype.
 GRAD_CONFIGS = [
-    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),  # 3 stages spill for fp32 on sm_90
+    # BLOCK_N=32 spills for fp32 at BLOCK_R=16 on sm_80 with triton 3.6 (8 bytes, 2 stages; 3 stages on sm_90)
     triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2),
 ]
 INTERPRET_GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
