@@ -5,10 +5,12 @@
 
 Correctness (against float64 math on the same device): the engine forward and every gradient at odd,
 large (16391 tokens, 4096 -> 11008, r = 256) and int32-boundary shapes (tokens x features > 2**31),
-in fp32, tf32, fp16 and bf16, both GEMM modes; every shipped autotune config forced one at a time;
+in fp32, tf32, fp16 and bf16, every strategy (fused, split, lean; weight in fp32 / tf32); every shipped
+autotune config forced one at a time;
 LoRMA-pi in both orders; ``torch.compile``; CUDA graphs; autocast.
 
-Speed (CUDA events, median of at least 20 after warm-up): each adapter in each GEMM mode against
+Speed (CUDA events, median of at least 20 after warm-up): each adapter in each strategy (and what
+``auto`` chose) against
 PEFT, a lean cuBLAS + custom-autograd baseline and a frozen ``nn.Linear`` at 4096 x 4096, N in
 {2048, 8192}, bf16, and fp32 with TF32 off and on; peak memory and bytes saved for backward; a
 per-launch breakdown of one fused step against the cuBLAS calls of the same shapes; the cost of the
@@ -164,7 +166,8 @@ def check_engine(report: Report, label: str, shape, dtype_name: str, kind: str, 
 
     scale = 0.7 if kind == "lora" else 1.0
     t = engine_inputs(shape, dtype_of(dtype_name), kind, device)
-    with tf32(dtype_name == "tf32"), pefttriton.use_backend("triton"), pefttriton.use_gemm_mode(mode):
+    backend = "triton" if mode in ("fused", "split") else "auto"
+    with tf32(dtype_name == "tf32"), pefttriton.use_backend(backend), pefttriton.use_strategy(mode):
         y = pefttriton.lowrank_linear(*[t[k] for k in NAMES], scale=scale)
         g = torch.randn(y.shape, device=device, generator=torch.Generator(device=device).manual_seed(1)).to(y.dtype)
         wrt = [k for k in NAMES if t[k] is not None]
@@ -181,17 +184,22 @@ def check_engine(report: Report, label: str, shape, dtype_name: str, kind: str, 
 # ---------------------------------------------------------------------------------- correctness
 
 
+def strategies_for(dtype_name: str) -> tuple[str, ...]:
+    """Every strategy of the engine that runs at ``dtype_name`` (``weight``: float32 weights only)."""
+    return ("fused", "split", "lean") + (("weight",) if dtype_name in ("fp32", "tf32") else ())
+
+
 def correctness(report: Report, sizes: dict, device, budget: Budget) -> None:
     dtypes = ("fp32", "tf32", "fp16", "bf16")
     for shape in sizes["odd"]:
         for dtype_name in dtypes:
             for kind in ("vera", "lora"):
-                for mode in ("fused", "split"):
+                for mode in strategies_for(dtype_name):
                     if budget.left() < 0:
                         report.skipped.append(f"odd shapes from {shape} {dtype_name} {kind} {mode} on: out of time")
                         return
                     check_engine(report, "odd shape", shape, dtype_name, kind, mode, device)
-    for kind, mode in (("vera", "fused"), ("lora", "fused"), ("lora", "split")):
+    for kind, mode in (("vera", "fused"), ("lora", "fused"), ("lora", "split"), ("vera", "lean")):
         if budget.left() < 0:
             report.skipped.append(f"large shape {kind} {mode}: out of time")
             break
@@ -230,9 +238,12 @@ def configs_one_at_a_time(report: Report, shape, device, budget: Budget) -> None
                 if budget.left() < 0:
                     report.skipped.append(f"GEMM config {family}[{index}] {dtype_name} on: out of time")
                     return
-                with forced_config(kernels._fused_gemm_kernel, config):
-                    check_engine(report, f"GEMM config {family}[{index}] {config}", shape, dtype_name, "vera", "fused",
-                                 device, config=str(config))
+                # the overwriting and the accumulating (split) launches have an autotuner each
+                with forced_config(kernels._fused_gemm_kernel, config), \
+                        forced_config(kernels._fused_gemm_accumulate_kernel, config):
+                    for mode in ("fused", "split"):
+                        check_engine(report, f"GEMM config {family}[{index}] {config}", shape, dtype_name, "vera", mode,
+                                     device, config=str(config))
     for index, config in enumerate(kernels.GRAD_CONFIGS):
         with forced_config(kernels._lowrank_grad_kernel, config):
             check_engine(report, f"low-rank grad config [{index}] {config}", shape, "bf16", "vera", "fused", device,
@@ -377,9 +388,9 @@ def compiled_graphs_autocast(report: Report, shape, device, budget: Budget) -> N
 
 
 def _impls(device) -> dict:
-    """name -> (family, factory(base, r)): fused adapters (each GEMM mode is set around the call),
+    """name -> (family, factory(base, r)): fused adapters (each strategy is set around the call),
     PEFT, the lean cuBLAS baseline and the frozen nn.Linear."""
-    from bench import baselines, cases
+    from . import baselines, cases
 
     impls = {f"fused {impl.family}": (impl.family, impl.make) for impl in cases.IMPLS.values() if impl.fused}
     impls.update({
@@ -418,12 +429,12 @@ def speed(report: Report, sizes: dict, device, budget: Budget) -> None:
     from torch import nn
 
     import pefttriton
-    from bench import measure
+    from . import measure
 
     n, m = sizes["timing_layer"]
     settings = [("bf16", N) for N in sizes["timing_tokens"]] + [("fp32", sizes["timing_tokens"][0]),
                                                               ("tf32", sizes["timing_tokens"][0])]
-    modes = ("fused", "split") if device.type == "cuda" else ("fused",)
+    modes = ("auto", *strategies_for("bf16"), "weight") if device.type == "cuda" else ("auto",)
     for dtype_name, N in settings:
         dtype = dtype_of(dtype_name)
         torch.manual_seed(0)
@@ -432,15 +443,20 @@ def speed(report: Report, sizes: dict, device, budget: Budget) -> None:
         g = torch.randn(N, m, device=device, dtype=dtype)
         for name, (family, make) in _impls(device).items():
             for mode in modes if name.startswith("fused") else (None,):
+                if mode == "weight" and dtype_name not in ("fp32", "tf32"):
+                    continue
                 if budget.left() < 0:
                     report.skipped.append(f"timing {dtype_name} N={N} {name} on: out of time")
                     return
                 r = sizes["ranks"].get(family, 0)
-                row = {"impl": name, "gemm_mode": mode, "dtype": dtype_name, "tokens": N, "in": n, "out": m, "r": r}
+                row = {"impl": name, "strategy": mode, "dtype": dtype_name, "tokens": N, "in": n, "out": m, "r": r}
                 try:
-                    with tf32(dtype_name == "tf32"), pefttriton.use_gemm_mode(mode or "fused"):
+                    with tf32(dtype_name == "tf32"), pefttriton.use_strategy(mode or "auto"):
                         module = make(copy.deepcopy(base), r)
                         forward, step = measure.step_functions(module, x, g)
+                        if mode == "auto":
+                            step()
+                            row["auto_path"] = pefttriton.last_path()  # what auto chose here
                         row["fwd_ms"] = statistics.median(time_cuda(forward, sizes["reps"], device))
                         step_ms = time_cuda(step, sizes["reps"], device)
                         row["step_ms"] = statistics.median(step_ms)
@@ -453,13 +469,13 @@ def speed(report: Report, sizes: dict, device, budget: Budget) -> None:
 
 
 def kernel_breakdown(report: Report, sizes: dict, device, budget: Budget) -> None:
-    """CUDA time per kernel of one fused LoRA step (both modes), next to cuBLAS on the same GEMMs."""
+    """CUDA time per kernel of one fused LoRA step (fused, split, lean), next to cuBLAS on the same GEMMs."""
     import torch
     from torch import nn
     from torch.profiler import ProfilerActivity, profile
 
     import pefttriton
-    from bench import measure
+    from . import measure
 
     if device.type != "cuda":
         report.skipped.append("per-launch breakdown: GPU only")
@@ -472,8 +488,8 @@ def kernel_breakdown(report: Report, sizes: dict, device, budget: Budget) -> Non
     g = torch.randn(N, m, device=device, dtype=dtype)
     base = nn.Linear(n, m, device=device, dtype=dtype, bias=False)
     out = {}
-    for mode in ("fused", "split"):
-        with pefttriton.use_gemm_mode(mode):
+    for mode in ("fused", "split", "lean"):
+        with pefttriton.use_strategy(mode):
             layer = pefttriton.FusedLoRALinear(copy.deepcopy(base), r)
             _, step = measure.step_functions(layer, x, g)
             for _ in range(3):
@@ -487,7 +503,7 @@ def kernel_breakdown(report: Report, sizes: dict, device, budget: Budget) -> Non
         for e in prof.key_averages():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 kernels[e.key] = round(e.device_time_total / 5 / 1e3, 4)  # ms per step
-        out[f"fused LoRA step, gemm={mode} (ms per kernel per step)"] = kernels
+        out[f"fused LoRA step, strategy={mode} (ms per kernel per step)"] = kernels
     w = base.weight
     cublas = {
         "x W^T (cuBLAS)": lambda: x @ w.T,
@@ -504,7 +520,7 @@ def retune_cost(report: Report, sizes: dict, device) -> None:
     from torch import nn
 
     import pefttriton
-    from bench import measure
+    from . import measure
 
     n, m = sizes["timing_layer"]
     N = sizes["retune_tokens"]
@@ -557,15 +573,15 @@ def markdown(report: Report) -> str:
     for c in bad[:40]:
         lines.append(f"- FAIL {c['name']} {c['dtype']} {c['shape']} {c.get('tensor', '')}: {c['err']:.3g} > {c['tol']:g}")
     if report.timings:
-        lines += ["", "| impl | gemm | dtype | tokens | layer | r | fwd ms | step ms | saved MB | peak MB |",
+        lines += ["", "| impl | strategy | dtype | tokens | layer | r | fwd ms | step ms | saved MB | peak MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for t in report.timings:
             if "error" in t:
-                lines.append(f"| {t['impl']} | {t['gemm_mode'] or ''} | {t['dtype']} | {t['tokens']} | {t['in']}x{t['out']} "
+                lines.append(f"| {t['impl']} | {t.get('strategy') or ''}{' -> ' + t['auto_path'] if t.get('auto_path') else ''} | {t['dtype']} | {t['tokens']} | {t['in']}x{t['out']} "
                              f"| {t['r']} | error: {t['error'][:60]} | | | |")
                 continue
             peak = "n/a" if t["peak_step_bytes"] is None else f"{t['peak_step_bytes'] / 1e6:.1f}"
-            lines.append(f"| {t['impl']} | {t['gemm_mode'] or ''} | {t['dtype']} | {t['tokens']} | {t['in']}x{t['out']} "
+            lines.append(f"| {t['impl']} | {t.get('strategy') or ''}{' -> ' + t['auto_path'] if t.get('auto_path') else ''} | {t['dtype']} | {t['tokens']} | {t['in']}x{t['out']} "
                          f"| {t['r']} | {t['fwd_ms']:.3f} | {t['step_ms']:.3f} | {t['saved_bytes'] / 1e6:.1f} | {peak} |")
     if report.retune:
         lines += ["", f"First step at a new token count ({report.retune['tokens']}): "

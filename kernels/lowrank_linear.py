@@ -113,30 +113,24 @@ def grad_blocks(rank: int) -> tuple[int, int]:
     return 64, block_r
 
 
-@triton.autotune(
-    configs=INTERPRET_GEMM_CONFIGS if INTERPRET else [c for family in GEMM_CONFIGS.values() for c in family],
-    key=["M", "N", "K", "R", "INPUT_PRECISION", "HAS_MAIN", "ACCUMULATE"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-    # Benchmarking runs each config on the real arguments: with ACCUMULATE every run would add
-    # into y again, so y is restored after each one (only while tuning a new key).
-    restore_value=["y_ptr"],
-)
 @triton.jit
-def _fused_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, y_ptr,
-    M, N, K, R, scale,
+def _fused_gemm(
+    x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, c_ptr, y_ptr,
+    M, N, K, R, scale, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_hm, stride_hr, stride_lbn, stride_lbr,
-    stride_ym, stride_yn,
+    stride_cm, stride_cn, stride_ym, stride_yn,
     HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_BVEC: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_BVEC: tl.constexpr, ACCUMULATE: tl.constexpr, C_IS_Y: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[M, N] (+)= x[M, K] w[N, K]^T + bias[N] + bvec[N] * ((scale * d[R] * h[M, R]) lb[N, R]^T).
+    """y[M, N] = (c[M, N] +) x[M, K] w[N, K]^T + bias[N] + bvec[N] * ((scale * d[R] * h[M, R]) lb[N, R]^T).
 
-    HAS_MAIN=False drops the x w^T segment and ACCUMULATE=True adds into y instead of
-    overwriting it: together they add the low-rank path into a y computed by cuBLAS.
+    HAS_MAIN=False drops the x w^T segment and ACCUMULATE=True adds c (y itself, or a float32
+    base computed by cuBLAS) in the epilogue: together they add the low-rank path to a base GEMM
+    computed by cuBLAS, rounding once. M_BUCKET is the autotune key's token count (a power of
+    two), so a new token count in the same bucket reuses the tuned config.
     """
     pid_m, pid_n = grouped_program_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
@@ -189,15 +183,41 @@ def _fused_gemm_kernel(
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask_y = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc_dtype)
+        if C_IS_Y:  # in place: no second set of pointers held (registers)
+            acc += tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc_dtype)
+        else:
+            c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            acc += tl.load(c_ptrs, mask=mask_y, other=0.0).to(acc_dtype)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-@triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M", "N", "R"])
+def _gemm_autotuner(restore: bool):
+    return triton.autotune(
+        configs=INTERPRET_GEMM_CONFIGS if INTERPRET else [c for family in GEMM_CONFIGS.values() for c in family],
+        key=["M_BUCKET", "N", "K", "R", "INPUT_PRECISION", "HAS_MAIN", "ACCUMULATE"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+        # Benchmarking runs each config on the real arguments: an accumulating launch that adds into
+        # y itself would add again on every run, so y is restored after each one (only while tuning
+        # a new key). The overwriting launches need no copy of y.
+        restore_value=["y_ptr"] if restore else [],
+    )
+
+
+# One kernel, two autotuners: the accumulating launches restore y while tuning, the others do not.
+_fused_gemm_kernel = _gemm_autotuner(restore=False)(_fused_gemm)
+_fused_gemm_accumulate_kernel = _gemm_autotuner(restore=True)(_fused_gemm)
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key of a token count: the power of two at or above it (at least 16)."""
+    return max(16, triton.next_power_of_2(M))
+
+
+@triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M_BUCKET", "N", "R"])
 @triton.jit
 def _lowrank_grad_kernel(
     g_ptr, xa_ptr, d_ptr, lb_ptr, bvec_ptr, gh_ptr, grad_d_part_ptr, grad_b_part_ptr,
-    M, N, R, scale,
+    M, N, R, scale, M_BUCKET,
     stride_gm, stride_gn, stride_xam, stride_xar, stride_lbn, stride_lbr, stride_ghm, stride_ghr,
     HAS_D: tl.constexpr, HAS_BVEC: tl.constexpr, NEED_GRAD_D: tl.constexpr, NEED_GRAD_B: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -261,8 +281,8 @@ def _lowrank_grad_kernel(
         tl.store(grad_d_part_ptr + pid_m * R + offs_r, tl.sum(xa * g_rank, axis=0), mask=mask_r)
 
 
-def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
-    has_main, has_lowrank = x is not None, h is not None
+def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None):
+    has_main, has_lowrank, accumulate = x is not None, h is not None, c is not None
     M, N = y.shape
     if M == 0 or N == 0:
         return y
@@ -278,16 +298,18 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    c_ = c if accumulate else y
+    kernel = _fused_gemm_accumulate_kernel if accumulate and c is y else _fused_gemm_kernel
     with on_device(y):
-        _fused_gemm_kernel[grid](
+        kernel[grid](
             x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
-            bvec if bvec is not None else dummy, y,
-            M, N, K, R, float(scale),
+            bvec if bvec is not None else dummy, c_, y,
+            M, N, K, R, float(scale), m_bucket(M),
             x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
             h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
-            y.stride(0), y.stride(1),
+            c_.stride(0), c_.stride(1), y.stride(0), y.stride(1),
             HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
-            HAS_BVEC=bvec is not None, ACCUMULATE=accumulate,
+            HAS_BVEC=bvec is not None, ACCUMULATE=accumulate, C_IS_Y=c_ is y,
             INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
         )
     return y
@@ -303,15 +325,17 @@ def fused_gemm(
     bvec: torch.Tensor | None = None,
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias + bvec * ((scale * d * h) @ lowrank_B.T)`` in one launch.
 
     x: (M, K), weight: (N, K), bias/bvec: (N,), h: (M, R), lowrank_B: (N, R), d: (R,).
     Any strides (pass a transposed view to multiply by a matrix instead of its transpose).
-    Returns a new contiguous (M, N) tensor of ``out_dtype`` (default ``x.dtype``).
+    Writes into ``out`` (M, N), any strides, when given; else returns a new contiguous (M, N)
+    tensor of ``out_dtype`` (default ``x.dtype``).
     """
-    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=out_dtype or x.dtype)
-    return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, accumulate=False)
+    y = out if out is not None else torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=out_dtype or x.dtype)
+    return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y)
 
 
 def add_lowrank_(
@@ -321,13 +345,18 @@ def add_lowrank_(
     d: torch.Tensor | None = None,
     bvec: torch.Tensor | None = None,
     scale: float = 1.0,
+    *,
+    base: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y += bvec * ((scale * d * h) @ lowrank_B.T)`` in place, one launch; returns ``y``.
+    """``y = base + bias + bvec * ((scale * d * h) @ lowrank_B.T)``, one launch; returns ``y``.
 
-    The split form of :func:`fused_gemm`: the base GEMM runs in cuBLAS, this kernel adds the
-    low-rank path (y is read and written once more: 2 * M * N extra element moves).
+    ``base`` (M, N) defaults to ``y`` itself (an in-place add). The split form of
+    :func:`fused_gemm`: the base GEMM runs in cuBLAS, this kernel adds the low-rank path (the
+    base is read once more: M * N extra element moves each way). With a float32 ``base`` and a
+    16-bit ``y`` the sum is rounded once.
     """
-    return _launch_gemm(None, None, None, h, lowrank_B, d, bvec, scale, y, accumulate=True)
+    return _launch_gemm(None, None, bias, h, lowrank_B, d, bvec, scale, y, c=y if base is None else base)
 
 
 def lowrank_grads(
@@ -361,7 +390,7 @@ def lowrank_grads(
             _lowrank_grad_kernel[(m_blocks * r_blocks,)](
                 g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
                 gh, grad_d_part, grad_b_part,
-                M, N, R, float(scale),
+                M, N, R, float(scale), m_bucket(M),
                 g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
                 lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
                 HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,

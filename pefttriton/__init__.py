@@ -1,7 +1,18 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
 from pefttriton.adapter_layer import AdapterLayer
-from pefttriton.backend import get_backend, get_gemm_mode, set_backend, set_gemm_mode, use_backend, use_gemm_mode
+from pefttriton.backend import (
+    get_backend,
+    get_gemm_mode,
+    get_strategy,
+    last_path,
+    set_backend,
+    set_gemm_mode,
+    set_strategy,
+    use_backend,
+    use_gemm_mode,
+    use_strategy,
+)
 from pefttriton.config import AdapterConfig, DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
 from pefttriton.injection import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
@@ -11,6 +22,7 @@ from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
 from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
 from pefttriton.registry import register_adapter
 from pefttriton.save import load_adapter, save_adapter
+from pefttriton.strategy import clear_strategy_cache, set_strategy_autotune, strategy_cache
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 __all__ = [
@@ -25,12 +37,15 @@ __all__ = [
     "LoRMAConfig",
     "VeRAConfig",
     "VeRAProjections",
+    "clear_strategy_cache",
     "compress_init",
     "discrepant_param_groups",
     "from_peft_model",
     "get_backend",
     "get_gemm_mode",
+    "get_strategy",
     "inject",
+    "last_path",
     "load_adapter",
     "load_peft_adapter",
     "lorma_pi_linear",
@@ -42,9 +57,13 @@ __all__ = [
     "save_peft_adapter",
     "set_backend",
     "set_gemm_mode",
+    "set_strategy",
+    "set_strategy_autotune",
+    "strategy_cache",
     "trainable_parameter_summary",
     "use_backend",
     "use_gemm_mode",
+    "use_strategy",
     "vera_linear",
 ]
 __version__ = "0.1.0"

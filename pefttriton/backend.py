@@ -1,27 +1,47 @@
-"""Which implementation runs the fused ops: Triton kernels (in one of two GEMM modes) or PyTorch.
+"""Which implementation runs the fused ops: the backend (Triton kernels or PyTorch) and the strategy.
 
-``auto`` (the default backend) picks Triton for CUDA tensors and PyTorch otherwise. ``triton`` on
-CPU tensors needs Triton's interpreter: set ``TRITON_INTERPRET=1`` before importing pefttriton
-(Triton reads it when the kernels are defined).
+Backends. ``auto`` (the default) allows Triton on CUDA tensors and PyTorch everywhere; ``triton``
+runs the Triton kernels (on CPU tensors only in Triton's interpreter: set ``TRITON_INTERPRET=1``
+before importing pefttriton, Triton reads it when the kernels are defined); ``torch`` runs plain
+PyTorch ops only.
 
-State. :func:`set_backend` and :func:`set_gemm_mode` set process-wide defaults, seen by every
-thread (the autograd engine's device threads included), like ``torch.backends`` flags.
-:func:`use_backend` and :func:`use_gemm_mode` override them for the current context only (thread
-or asyncio task) and restore the previous choice on exit, so threads that interleave them never
-see each other's choice. ``PEFTTRITON_BACKEND`` and ``PEFTTRITON_GEMM_MODE`` set the initial
-defaults; a value outside the allowed names fails at import with the variable's name.
+Strategies: the same math and the same save-little backward, computed four ways.
 
-Every call of a fused op resolves the state once into a *path* (:func:`resolve_path`): ``"torch"``,
-``"fused"`` or ``"split"``. Eager calls pass it to the op and its backward, so the two always agree.
-Under ``torch.compile`` the op resolves the path itself when it runs (a compiled graph follows later
-changes of the state without recompiling); its backward resolves again when it runs, which, on
-CUDA, happens in an autograd thread that sees the process-wide default and not a :func:`use_backend`
-override.
+* ``fused``  (Triton): one concatenated-K GEMM kernel writes ``y`` once (``x W^T`` then the rank).
+* ``split``  (Triton): the base GEMM in cuBLAS, a Triton kernel adds the low-rank path.
+* ``lean``   (PyTorch): every product in BLAS/cuBLAS, the small elementwise work around them.
+* ``weight`` (PyTorch): ``W_eff = W + scale * (b * B)(d * A)`` formed once per call, one GEMM;
+  float32 / float64 weights only (in 16 bits rounding ``W_eff`` loses a small adapter's effect).
+
+``auto`` (the default strategy) lets :mod:`pefttriton.strategy` choose per device, dtype and shape,
+by its cost model or, when enabled, by timing the candidates once
+(:func:`pefttriton.strategy.set_strategy_autotune`). The backend limits the candidates: ``torch``
+allows ``lean`` and ``weight``; ``triton`` allows ``fused`` and ``split``; ``auto`` allows all four on
+CUDA and the PyTorch ones elsewhere. A strategy named explicitly runs as named, except that a Triton
+strategy under the ``torch`` backend (or off CUDA without the interpreter) runs ``lean``, and float64
+on a GPU takes a PyTorch strategy (no float64 kernel configuration is compiled for GPUs).
+
+State. :func:`set_backend` and :func:`set_strategy` set process-wide defaults, seen by every thread
+(the autograd engine's device threads included), like ``torch.backends`` flags. :func:`use_backend`
+and :func:`use_strategy` override them for the current context only (thread or asyncio task) and
+restore the previous choice on exit, so threads that interleave them never see each other's choice.
+``PEFTTRITON_BACKEND`` and ``PEFTTRITON_STRATEGY`` set the initial defaults; a value outside the
+allowed names fails at import with the variable's name. ``set_gemm_mode`` / ``use_gemm_mode`` /
+``get_gemm_mode`` (and ``PEFTTRITON_GEMM_MODE``) are the deprecated names of the strategy state from
+when only ``fused`` and ``split`` existed.
+
+Every call of a fused op resolves the state once into a *path* (:func:`resolve_path`), one of
+:data:`PATHS`. Eager calls pass it to the op and its backward, so the two always agree, and record
+it for :func:`last_path`. Under ``torch.compile`` the op resolves the path itself when it runs (a
+compiled graph follows later changes of the state without recompiling); its backward resolves again
+when it runs, which, on CUDA, happens in an autograd thread that sees the process-wide default and
+not a :func:`use_backend` override.
 """
 
 import contextlib
 import contextvars
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -29,8 +49,11 @@ import torch
 from pefttriton.kernels import launch
 
 BACKENDS = ("auto", "triton", "torch")
-GEMM_MODES = ("fused", "split")
-PATHS = ("torch", "fused", "split")
+STRATEGIES = ("auto", "fused", "split", "lean", "weight")
+PATHS = ("fused", "split", "lean", "weight")
+TRITON_PATHS = ("fused", "split")
+TORCH_PATHS = ("lean", "weight")
+GEMM_MODES = ("fused", "split")  # the deprecated set_gemm_mode's names
 
 
 class _Choice:
@@ -63,7 +86,14 @@ class _Choice:
 
 
 _BACKEND = _Choice("backend", BACKENDS, "PEFTTRITON_BACKEND", "auto")
-_GEMM_MODE = _Choice("gemm mode", GEMM_MODES, "PEFTTRITON_GEMM_MODE", "fused")
+# PEFTTRITON_GEMM_MODE is the deprecated name of PEFTTRITON_STRATEGY (read when the latter is unset).
+_STRATEGY = _Choice(
+    "strategy", STRATEGIES,
+    "PEFTTRITON_STRATEGY" if os.environ.get("PEFTTRITON_STRATEGY") or not os.environ.get("PEFTTRITON_GEMM_MODE")
+    else "PEFTTRITON_GEMM_MODE",
+    "auto",
+)
+_LAST_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("pefttriton_last_path", default=None)
 
 
 def interpreting() -> bool:
@@ -90,52 +120,128 @@ def use_backend(name: str):
     return _BACKEND.use(name)
 
 
-def set_gemm_mode(mode: str) -> None:
-    """How the Triton backend runs the base GEMM ``x W^T`` (and ``g W`` in backward), process-wide.
-
-    ``"fused"`` (default): one Triton GEMM whose K loop also covers the low-rank path; ``y`` is
-    written once. ``"split"``: cuBLAS (``torch.addmm``) computes the base GEMM, then a Triton
-    kernel adds the low-rank path into ``y`` (one extra read and write of ``y``). A tuned cuBLAS
-    can beat a Triton GEMM on some shapes; the benchmark reports both so the choice is measured.
+def set_strategy(name: str) -> None:
+    """Choose how every fused op computes, process-wide: ``"auto"`` (default), ``"fused"``,
+    ``"split"``, ``"lean"`` or ``"weight"`` (see the module docstring for what each does and how the
+    backend limits them). A :func:`use_strategy` block active in the calling context still takes
+    precedence there.
     """
-    _GEMM_MODE.default = _GEMM_MODE.check(mode)
+    _STRATEGY.default = _STRATEGY.check(name)
+
+
+def get_strategy() -> str:
+    """The strategy in force in this context: a :func:`use_strategy` override, else the default."""
+    return _STRATEGY.get()
+
+
+def use_strategy(name: str):
+    """Use strategy ``name`` in this context (thread or task) only; the previous choice on exit."""
+    return _STRATEGY.use(name)
+
+
+def _deprecated_gemm_mode(mode: str) -> str:
+    warnings.warn(
+        "set_gemm_mode / use_gemm_mode are deprecated: use pefttriton.set_strategy / use_strategy "
+        "(the same names, plus 'auto', 'lean' and 'weight')",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if not isinstance(mode, str) or mode not in GEMM_MODES:
+        raise ValueError(f"gemm mode must be one of {GEMM_MODES}, got {mode!r}")
+    return mode
+
+
+def set_gemm_mode(mode: str) -> None:
+    """Deprecated: :func:`set_strategy` with ``"fused"`` or ``"split"``."""
+    set_strategy(_deprecated_gemm_mode(mode))
 
 
 def get_gemm_mode() -> str:
-    """The GEMM mode in force in this context: a :func:`use_gemm_mode` override, else the default."""
-    return _GEMM_MODE.get()
+    """Deprecated: :func:`get_strategy`."""
+    return get_strategy()
 
 
 def use_gemm_mode(mode: str):
-    """Use GEMM mode ``mode`` in this context only; the previous choice on exit."""
-    return _GEMM_MODE.use(mode)
+    """Deprecated: :func:`use_strategy` with ``"fused"`` or ``"split"``."""
+    return use_strategy(_deprecated_gemm_mode(mode))
 
 
-def resolve_path(device: torch.device, dtype: torch.dtype) -> str:
-    """What runs a fused op on tensors of ``device`` and ``dtype`` now: ``"torch"``, ``"fused"``
-    or ``"split"`` (the last two are the Triton backend's GEMM modes).
+def last_path() -> str | None:
+    """The path (one of :data:`PATHS`) of the last eager fused-op call in this context, or None.
 
-    float64 on a GPU takes the torch path: no float64 kernel configuration is compiled or checked
-    for GPUs. Under the interpreter float64 runs in the kernels, for tight tests.
+    ``torch.compile`` graphs resolve inside the op and do not record it.
+    """
+    return _LAST_PATH.get()
+
+
+def _triton_allowed(device: torch.device, explicit: bool) -> bool:
+    if device.type == "cuda":
+        return True
+    if not explicit:
+        return False  # "auto" runs Triton on CUDA only; the interpreter is for tests
+    if not interpreting():
+        raise RuntimeError(
+            f"the triton backend needs CUDA tensors (got {device.type}); to run it on the CPU set "
+            "TRITON_INTERPRET=1 before importing pefttriton"
+        )
+    return True
+
+
+def candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The paths the backend in force allows for tensors of ``device`` and ``dtype``.
 
     Raises:
         RuntimeError: the triton backend was asked for on a CPU tensor without the interpreter.
     """
     backend = get_backend()
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        return "torch"
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            f"the triton backend needs CUDA tensors (got {device.type}); to run it on the CPU set "
-            "TRITON_INTERPRET=1 before importing pefttriton"
+    triton_ok = backend != "torch" and _triton_allowed(device, backend == "triton")
+    if triton_ok and device.type == "cuda" and dtype == torch.float64:
+        triton_ok = False  # no float64 kernel configuration is compiled or checked for GPUs
+    torch_paths = TORCH_PATHS if dtype in (torch.float32, torch.float64) else ("lean",)
+    if backend == "triton" and triton_ok:
+        return TRITON_PATHS
+    return (TRITON_PATHS if triton_ok else ()) + torch_paths
+
+
+def resolve_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] | None = None,
+                 trains: str = "vectors") -> str:
+    """What computes a fused op on tensors of ``device`` and ``dtype`` now: one of :data:`PATHS`.
+
+    ``shape`` is (tokens, in_features, out_features, rank) and ``trains`` what needs gradients
+    (:func:`pefttriton.strategy.choose`'s argument); both matter only to the ``auto`` strategy, which
+    takes the cheapest candidate (:func:`candidates`) by cost model or measurement.
+
+    Raises:
+        RuntimeError: the triton backend was asked for on a CPU tensor without the interpreter.
+        ValueError: strategy ``weight`` was asked for with 16-bit tensors.
+    """
+    allowed = candidates(device, dtype)
+    strategy = get_strategy()
+    if strategy == "auto":
+        from pefttriton import strategy as chooser  # noqa: PLC0415 - the chooser times the ops
+
+        return chooser.choose(device, dtype, shape, trains, allowed)
+    if strategy == "weight" and dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"strategy 'weight' needs float32 or float64 tensors, got {dtype}: rounding W + delta W to 16 "
+            "bits loses most of a small adapter's effect; use 'auto' or 'lean'"
         )
-    if device.type == "cuda" and dtype == torch.float64:
-        return "torch"
-    return get_gemm_mode()
+    if strategy in TRITON_PATHS and strategy not in allowed:
+        return "lean"
+    return strategy
+
+
+def record_path(path: str) -> str:
+    """Remember ``path`` as this context's :func:`last_path`; returns it."""
+    _LAST_PATH.set(path)
+    return path
+
+
+def uses_triton(path: str) -> bool:
+    """Whether ``path`` runs Triton kernels."""
+    return path in TRITON_PATHS
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The backend that runs on ``device`` now: ``"triton"`` or ``"torch"``."""
-    return "torch" if resolve_path(device, torch.float32) == "torch" else "triton"
+    """The backend that runs a fused op on ``device`` now: ``"triton"`` or ``"torch"``."""
+    return "triton" if uses_triton(resolve_path(device, torch.float32, (4096, 1024, 1024, 16))) else "torch"

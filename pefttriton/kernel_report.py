@@ -51,9 +51,9 @@ class Variant:
 
 
 def _gemm_variants():
-    def flags(main, bias, lowrank, d, bvec, accumulate=False):
+    def flags(main, bias, lowrank, d, bvec, accumulate=False, c_is_y=True):
         return (("HAS_MAIN", main), ("HAS_BIAS", bias), ("HAS_LOWRANK", lowrank), ("HAS_D", d),
-                ("HAS_BVEC", bvec), ("ACCUMULATE", accumulate))
+                ("HAS_BVEC", bvec), ("ACCUMULATE", accumulate), ("C_IS_Y", c_is_y))
 
     fwd_strides = ("stride_xk", "stride_wk", "stride_hr", "stride_lbr", "stride_yn")
     # grad_x = g W + gh A reads W and A transposed: unit stride along N, not K.
@@ -66,11 +66,14 @@ def _gemm_variants():
         Variant(k, "down projection x A^T", flags(True, False, False, False, False),
                 ("stride_xk", "stride_wk", "stride_yn"), ("y_ptr",)),
         Variant(k, "grad_x = g W + gh A", flags(True, False, True, False, False), grad_x_strides, ("h_ptr",)),
-        # gemm mode "split": cuBLAS computes the base GEMM, this adds the low-rank path into y.
+        # strategy "split": cuBLAS computes the base GEMM, this adds the low-rank path into y
+        # (float32 / float64: in place; 16-bit: from cuBLAS's float32 output plus the bias, rounded once).
         Variant(k, "split: y += b * (h B^T) (VeRA)", flags(False, False, True, True, True, True),
-                ("stride_hr", "stride_lbr", "stride_yn"), ("h_ptr", "d_ptr", "bvec_ptr")),
+                ("stride_hr", "stride_lbr", "stride_cn", "stride_yn"), ("h_ptr", "d_ptr", "bvec_ptr")),
+        Variant(k, "split: y = base32 + bias + b * (h B^T)", flags(False, True, True, True, True, True, False),
+                ("stride_hr", "stride_lbr", "stride_cn", "stride_yn"), ("h_ptr", "d_ptr", "bvec_ptr", "c_ptr")),
         Variant(k, "split: grad_x += gh A", flags(False, False, True, False, False, True),
-                ("stride_hr", "stride_lbn", "stride_yn"), ("h_ptr",)),
+                ("stride_hr", "stride_lbn", "stride_cn", "stride_yn"), ("h_ptr",)),
     ]
 
 

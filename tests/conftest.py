@@ -61,12 +61,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
-    """No test may leak a backend choice into the next one."""
+    """No test may leak a backend or strategy choice (or a measured strategy) into the next one."""
     import pefttriton
 
-    previous = pefttriton.get_backend()
+    previous = pefttriton.get_backend(), pefttriton.get_strategy()
     yield
-    pefttriton.set_backend(previous)
+    pefttriton.set_backend(previous[0])
+    pefttriton.set_strategy(previous[1])
+    pefttriton.set_strategy_autotune(False)
+    pefttriton.clear_strategy_cache()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -43,19 +43,21 @@ def test_use_backend_is_context_local():
     assert pefttriton.get_backend() == default
 
 
-def test_use_gemm_mode_is_context_local_and_restores():
-    assert pefttriton.get_gemm_mode() == "fused"
-    with pefttriton.use_gemm_mode("split"):
-        assert pefttriton.get_gemm_mode() == "split"
+def test_use_strategy_is_context_local_and_restores():
+    assert pefttriton.get_strategy() == "auto"
+    with pefttriton.use_strategy("split"):
+        assert pefttriton.get_strategy() == "split"
         box = {}
-        thread = threading.Thread(target=lambda: box.setdefault("mode", pefttriton.get_gemm_mode()))
+        thread = threading.Thread(target=lambda: box.setdefault("strategy", pefttriton.get_strategy()))
         thread.start()
         thread.join()
-        assert box["mode"] == "fused"  # another thread sees the process-wide default
-    assert pefttriton.get_gemm_mode() == "fused"
-    with pytest.raises(ValueError, match="gemm mode"):
-        with pefttriton.use_gemm_mode("splitt"):
+        assert box["strategy"] == "auto"  # another thread sees the process-wide default
+    assert pefttriton.get_strategy() == "auto"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        with pefttriton.use_strategy("splitt"):
             pass
+    with pytest.warns(DeprecationWarning), pefttriton.use_gemm_mode("split"):
+        assert pefttriton.get_strategy() == "split"
 
 
 def test_set_backend_is_process_wide():
@@ -87,7 +89,8 @@ def test_backward_runs_the_path_of_its_forward(gen, monkeypatch):
     assert calls["lowrank_grads"] == 1
 
 
-@pytest.mark.parametrize("variable,value", [("PEFTTRITON_BACKEND", "Torch"), ("PEFTTRITON_GEMM_MODE", "splitt")])
+@pytest.mark.parametrize("variable,value", [("PEFTTRITON_BACKEND", "Torch"), ("PEFTTRITON_STRATEGY", "cublas"),
+                                            ("PEFTTRITON_GEMM_MODE", "splitt")])
 def test_bad_environment_fails_at_import(variable, value):
     env = {**os.environ, variable: value}
     proc = subprocess.run([sys.executable, "-c", "import pefttriton"], env=env, capture_output=True, text=True)
@@ -95,8 +98,14 @@ def test_bad_environment_fails_at_import(variable, value):
     assert variable in proc.stderr and repr(value) in proc.stderr
 
 
-def test_good_environment_sets_defaults():
-    env = {**os.environ, "PEFTTRITON_BACKEND": "torch", "PEFTTRITON_GEMM_MODE": "split"}
-    code = "import pefttriton; print(pefttriton.get_backend(), pefttriton.get_gemm_mode())"
+@pytest.mark.parametrize("variables,expected", [
+    ({"PEFTTRITON_BACKEND": "torch", "PEFTTRITON_STRATEGY": "weight"}, ["torch", "weight"]),
+    ({"PEFTTRITON_GEMM_MODE": "split"}, ["auto", "split"]),  # the deprecated name still works
+    ({"PEFTTRITON_GEMM_MODE": "split", "PEFTTRITON_STRATEGY": "lean"}, ["auto", "lean"]),
+])
+def test_good_environment_sets_defaults(variables, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTTRITON_") or k == "PEFTTRITON_TEST_DEVICE"}
+    env.update(variables)
+    code = "import pefttriton; print(pefttriton.get_backend(), pefttriton.get_strategy())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ["torch", "split"]
+    assert proc.stdout.split() == expected

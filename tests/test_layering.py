@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer -> its modules (a name ending in ".*" covers a package's modules), lowest layer first
 LAYERS = {
     "kernels": ("pefttriton.kernels", "pefttriton.kernels.*"),
-    "ops": ("pefttriton.ops", "pefttriton.ops.*", "pefttriton.backend"),
+    "ops": ("pefttriton.ops", "pefttriton.ops.*", "pefttriton.backend", "pefttriton.strategy"),
     "adapters": (
         "pefttriton.adapter_layer", "pefttriton.vera", "pefttriton.lora", "pefttriton.deep_lora",
         "pefttriton.lorma", "pefttriton.config", "pefttriton.registry",

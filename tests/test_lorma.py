@@ -551,7 +551,7 @@ def test_custom_ops_pass_opcheck(gen, order):
     x.requires_grad_(True)
     A.requires_grad_(True)
     B.requires_grad_(True)
-    for path in ("torch", ""):  # "" resolves the path when the op runs (what torch.compile passes)
+    for path in ("lean", ""):  # "" resolves the path when the op runs (what torch.compile passes)
         with pefttriton.use_backend("torch"):
             torch.library.opcheck(ops._pi_linear_fwd, (x, W, b, A, B, 0.5, order, path))
             torch.library.opcheck(ops._shift_product_op, (B, A, 0.5, path))

@@ -148,3 +148,15 @@ def test_modules_degenerate_features(backend, kind, features):
         torch.testing.assert_close(y, base(x), rtol=0, atol=0)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 0)])
+def test_outputs_are_tensors_of_their_own(backend, gen, lead):
+    """Like nn.Linear, the ops return a tensor that is no view: FSDP2 refuses views from a wrapped
+    module, since an in-place op on one (a residual ``h += x``) would skip its hooks."""
+    args = _engine_inputs(gen)
+    x = torch.randn(*lead, n, generator=gen)
+    y = lowrank_linear(x, *[args[k] for k in ENGINE_ARGS[1:]], scale=0.5)
+    assert y.shape == (*lead, m) and not y._is_view()
+    y_pi = lorma_pi_linear(x, args["weight"], args["bias"], torch.randn(r, m, generator=gen), args["B"], scale=0.5)
+    assert y_pi.shape == (*lead, m) and not y_pi._is_view()

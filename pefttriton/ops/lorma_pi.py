@@ -35,10 +35,12 @@ GEMMs, so a 16-bit layer sees ``M`` to 16-bit precision, as it would see a merge
 """
 
 
+import math
+
 import torch
 from torch import Tensor
 
-from pefttriton.backend import resolve_path
+from pefttriton.backend import resolve_path, uses_triton
 from pefttriton.kernels import lorma_pi as kernels
 from pefttriton.kernels.launch import acc_dtype
 from pefttriton.kernels.lowrank_linear import fused_gemm
@@ -110,21 +112,25 @@ def _torch_shift_grads(G: Tensor, B: Tensor, A: Tensor, scale: float, need_B: bo
     return grad_B, grad_A
 
 
-def _torch_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    """``a @ b_t.T + bias`` (the shape contract of ``fused_gemm``)."""
+def _torch_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                out: Tensor | None = None) -> Tensor:
+    """``a @ b_t.T + bias`` (the contract of ``fused_gemm``: into ``out`` when given)."""
     dtype = b_t.dtype
+    if out is not None:
+        return torch.addmm(bias, a.to(dtype), b_t.T, out=out) if bias is not None else torch.mm(a.to(dtype), b_t.T, out=out)
     y = torch.addmm(bias, a.to(dtype), b_t.T) if bias is not None else a.to(dtype) @ b_t.T
     return y.to(out_dtype) if out_dtype is not None else y
 
 
-def _triton_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    return fused_gemm(a, b_t, bias, out_dtype=out_dtype or b_t.dtype)
+def _triton_gemm(a: Tensor, b_t: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 out: Tensor | None = None) -> Tensor:
+    return fused_gemm(a, b_t, bias, out_dtype=out_dtype or b_t.dtype, out=out)
 
 
 def _impl(path: str, t: Tensor):
-    """(shift product, its gradients, GEMM) of ``path`` (resolved for ``t`` when empty; both
-    Triton GEMM modes run the Triton kernels here)."""
-    if (path or resolve_path(t.device, t.dtype)) != "torch":
+    """(shift product, its gradients, GEMM) of ``path`` (resolved for ``t`` when empty): the Triton
+    kernels for the Triton strategies (``fused``, ``split``), PyTorch for the others."""
+    if uses_triton(path or resolve_path(t.device, t.dtype)):
         return kernels.shift_product, kernels.shift_product_grads, _triton_gemm
     return _torch_shift_product, _torch_shift_grads, _torch_gemm
 
@@ -187,21 +193,29 @@ _shift_product_op.register_autograd(_shift_backward, setup_context=_shift_setup)
 def _pi_linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, order: str, path: str
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``y`` (N, m) and what backward may need: ``z = x W0^T`` (tokens) or ``W' = M W0`` (weight)."""
+    """Returns ``y`` (..., m), a tensor of its own (never a view), and what backward may need:
+    ``z = x W0^T`` (N, m) (tokens order) or ``W' = M W0`` (m, n) (weight order). ``x`` is (..., n)."""
     shift, _, gemm = _impl(path, x)
+    m, n = weight.shape
+    x2 = flatten_tokens(x, n)
+    y = torch.empty((*x.shape[:-1], m), device=x.device, dtype=x.dtype)
+    out = y.view(x2.shape[0], m)
     with no_autocast(x):
         M = shift(B, A, scale).to(x.dtype)
         if order == "tokens":
-            z = gemm(x, weight)
-            return gemm(z, M, bias), z
-        w_eff = gemm(M, weight.T)  # M @ W0
-        return gemm(x, w_eff, bias), w_eff
+            saved = gemm(x2, weight)
+            gemm(saved, M, bias, out=out)
+        else:
+            saved = gemm(M, weight.T)  # W' = M @ W0
+            gemm(x2, saved, bias, out=out)
+    return y, saved
 
 
 @_pi_linear_fwd.register_fake
 def _(x, weight, bias, A, B, scale, order, path):
-    saved = x.new_empty((x.shape[0], weight.shape[0]) if order == "tokens" else tuple(weight.shape))
-    return x.new_empty((x.shape[0], weight.shape[0])), saved
+    tokens = math.prod(x.shape[:-1])
+    saved = x.new_empty((tokens, weight.shape[0]) if order == "tokens" else tuple(weight.shape))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), saved
 
 
 @torch.library.custom_op("pefttriton::lorma_pi_linear_bwd", mutates_args=())
@@ -218,9 +232,20 @@ def _pi_linear_bwd(
     needs: list[bool],
     path: str,
 ) -> list[Tensor]:
-    """Gradients for (x, weight, bias, A, B); an empty tensor where ``needs`` is False."""
+    """Gradients for (x, weight, bias, A, B); an empty tensor where ``needs`` is False.
+
+    ``g`` is (..., m) like the forward's ``y``; ``x`` (..., n) or empty when not saved.
+    """
+    m, n = weight.shape
+    lead = g.shape[:-1]
+    g2 = g.reshape(math.prod(lead), m)
+    need_x, need_weight, _, need_A, need_B = needs
+    x2 = flatten_tokens(x, n) if need_weight or (order == "weight" and (need_A or need_B)) else x
     with no_autocast(g):
-        return _pi_backward_impl(g, x, saved, weight, bias, A, B, scale, order, needs, _impl(path, g))
+        grads = _pi_backward_impl(g2, x2, saved, weight, bias, A, B, scale, order, needs, _impl(path, g))
+    if need_x:
+        grads[0] = grads[0].reshape(*lead, n)
+    return grads
 
 
 def _pi_backward_impl(g, x, saved, weight, bias, A, B, scale, order, needs, impl) -> list[Tensor]:
@@ -262,7 +287,7 @@ def _pi_backward_impl(g, x, saved, weight, bias, A, B, scale, order, needs, impl
 
 @_pi_linear_bwd.register_fake
 def _(g, x, saved, weight, bias, A, B, scale, order, needs, path):
-    shapes = [(g.shape[0], weight.shape[1]), weight.shape, (weight.shape[0],), A.shape, B.shape]
+    shapes = [(*g.shape[:-1], weight.shape[1]), weight.shape, (weight.shape[0],), A.shape, B.shape]
     likes = [g, weight, bias if bias is not None else weight, A, B]
     return [like.new_empty(shape) if need else g.new_empty(0) for shape, like, need in zip(shapes, likes, needs)]
 
@@ -362,11 +387,10 @@ def lorma_pi_linear(
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
-    x2 = flatten_tokens(x, n)
     if order == "auto":
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)
         )
-        order = pi_order(x2.shape[0], m, n, training, r=B.shape[1])
-    y, _ = _pi_linear_fwd(x2, weight, bias, A, B, scale, order, _eager_path(x))
-    return y.reshape(*x.shape[:-1], m)
+        order = pi_order(math.prod(x.shape[:-1]), m, n, training, r=B.shape[1])
+    y, _ = _pi_linear_fwd(x, weight, bias, A, B, scale, order, _eager_path(x))
+    return y

@@ -2,17 +2,21 @@
 
     y = x W^T + bias + scale * b * ((d * (x A^T)) B^T)
 
-Two backends compute it (``pefttriton.set_backend``): the Triton kernels of
-``pefttriton.kernels.lowrank_linear`` and plain PyTorch. Both save for backward only
-``x A^T`` (tokens x rank, fp32) and, when a gradient needs it, ``x``; never a (tokens, out)
-tensor. The op is registered with ``torch.library.custom_op`` (forward and backward ops, a fake
-implementation for tracing, autograd), so ``torch.compile`` sees it as one node.
+Four strategies compute it (:mod:`pefttriton.backend` says which runs, :mod:`pefttriton.strategy`
+how ``auto`` picks): ``fused`` and ``split`` launch the Triton kernels of
+``pefttriton.kernels.lowrank_linear``; ``lean`` and ``weight`` are plain PyTorch (BLAS) code. All
+save for backward only ``x A^T`` (tokens x rank, in the accumulation dtype) and, when a gradient
+needs it, ``x``; never a (tokens, out) tensor. In 16 bits each adds base and adapter before
+rounding ``y`` once. The op is registered with ``torch.library.custom_op`` (forward and backward
+ops, a fake implementation for tracing, autograd), so ``torch.compile`` sees it as one node.
 """
+
+import math
 
 import torch
 from torch import Tensor
 
-from pefttriton.backend import resolve_path
+from pefttriton.backend import record_path, resolve_path
 from pefttriton.kernels import lowrank_linear as kernels
 from pefttriton.kernels.launch import acc_dtype
 from pefttriton.ops.validation import (
@@ -57,43 +61,151 @@ def _rank_scale(d, scale, r, like):
     return d.to(like.dtype) * scale
 
 
-# ----------------------------------------------------------------------------- torch backend
+# --------------------------------------------------------------------------- shared pieces
+
+# Elements of the float32 chunk :func:`mm_acc` upcasts at a time on devices without a GEMM that
+# writes float32 from 16-bit inputs (4 MiB).
+_CHUNK_ELEMENTS = 1 << 20
+_MM_OUT_DTYPE: dict[torch.device, bool] = {}
 
 
-def _torch_forward(x, weight, bias, A, B, d, b, scale):
+def _mm_out_dtype(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for 16-bit tensors on ``device``
+    (cuBLAS, torch >= 2.8), tried once per device on a tiny product."""
+    if device.type != "cuda":
+        return False
+    if device not in _MM_OUT_DTYPE:
+        try:
+            one = torch.ones((16, 16), device=device, dtype=torch.bfloat16)
+            _MM_OUT_DTYPE[device] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[device] = False
+    return _MM_OUT_DTYPE[device]
+
+
+def mm_acc(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated and returned in the accumulation dtype of ``a`` without an upcast copy
+    of a whole operand: a 16-bit GEMM with a float32 output where cuBLAS offers one (``b`` is then
+    rounded to ``a``'s dtype), else the reduction dimension in chunks of about
+    :data:`_CHUNK_ELEMENTS` upcast elements. ``b`` may already be in the accumulation dtype."""
+    acc = acc_dtype(a.dtype)
+    if a.dtype == acc:
+        return a @ b.to(acc)
+    if _mm_out_dtype(a.device):
+        return torch.mm(a, b.to(a.dtype), out_dtype=acc)
+    K = a.shape[1]
+    out = torch.zeros((a.shape[0], b.shape[1]), device=a.device, dtype=acc)
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] + b.shape[1]))
+    for k in range(0, K, step):
+        out.addmm_(a[:, k : k + step].to(acc), b[k : k + step].to(acc))
+    return out
+
+
+def _base_gemm(x, weight, bias, out):
+    """``out = x W^T + bias`` in one cuBLAS (or CPU BLAS) call."""
+    if bias is not None:
+        torch.addmm(bias, x, weight.T, out=out)
+    else:
+        torch.mm(x, weight.T, out=out)
+
+
+def _up(B, b, acc):
+    """``b * B`` (m, r) in the accumulation dtype: ``(b * g) B == g (b * B)``."""
+    up = B.to(acc)
+    return up * b.to(acc)[:, None] if b is not None else up
+
+
+def _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb=None):
+    """Gradients of B, d and b from one product ``P = g^T (x A^T)`` (m, r):
+
+        grad_b[i] = scale * sum_k d_k B_ik P_ik,   grad_d[k] = scale * sum_i b_i B_ik P_ik,
+        grad_B    = scale * b[:, None] * P * d[None, :].
+
+    ``gb = (b * g) B`` (N, r), when the caller has it (for grad_x), gives ``grad_d`` from the
+    float32 ``x A^T`` directly.
+    """
+    _, _, _, _, need_B, need_d, need_b = needs
+    acc = xa.dtype
+    if gb is not None and need_d:
+        grads["d"] = (xa * gb).sum(0) * scale
+        need_d = False
+    if not (need_B or need_d or need_b):
+        return
+    P = mm_acc(g.T, xa)
+    dvec = d.to(acc) if d is not None else None
+    bvec = b.to(acc) if b is not None else None
+    if need_d or need_b:
+        BP = B.to(acc) * P
+        if need_b:
+            grads["b"] = (BP @ dvec if dvec is not None else BP.sum(1)) * scale
+        if need_d:
+            grads["d"] = (bvec @ BP if bvec is not None else BP.sum(0)) * scale
+    if need_B:
+        grad_B = P * scale
+        if dvec is not None:
+            grad_B = grad_B * dvec
+        grads["B"] = grad_B * bvec[:, None] if bvec is not None else grad_B
+
+
+# ------------------------------------------------------------------- lean and weight (PyTorch)
+
+
+def _lean_forward(x, weight, bias, A, B, d, b, scale, out):
+    """Writes ``y`` into ``out`` (N, m); returns ``x A^T`` (N, r) in the accumulation dtype.
+
+    In float32 / float64 the scalings fold into ``B_eff = scale * (b * B) * d`` (m, r) and ``y``
+    takes two BLAS calls. In 16 bits one GEMM over the concatenated K ``[x | h] [W | b * B]^T``
+    adds base and adapter in the GEMM's float32 accumulator and rounds once (adding the adapter to
+    a base output already rounded to 16 bits would lose or distort a small adapter's effect);
+    ``scale`` is split between ``h`` and ``B`` (:func:`split_scale`) against overflow.
+    """
     dtype = x.dtype
     acc = acc_dtype(dtype)
+    xa = mm_acc(x, A.T)  # float32 for 16-bit x: backward's vector gradients sum over it
+    if dtype == acc:
+        B_eff = _up(B, b, acc) * scale
+        if d is not None:
+            B_eff = B_eff * d.to(acc)
+        _base_gemm(x, weight, bias, out)
+        out.addmm_(xa, B_eff.T)
+        return xa
     scale_h, scale_B = split_scale(scale)
-    xa = (x @ A.T).to(acc)
     h = (xa * _rank_scale(d, scale_h, A.shape[0], xa)).to(dtype)
-    up = B.to(acc) * scale_B
-    if b is not None:
-        up = up * b.to(acc)[:, None]  # b * (h B^T) == h (b * B)^T
-    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    y.addmm_(h, up.to(dtype).T)
-    return y, xa
+    up = (_up(B, b, acc) * scale_B).to(dtype)
+    _base_gemm(torch.cat([x, h], 1), torch.cat([weight, up], 1), bias, out)
+    return xa
 
 
-def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs):
+def _delta_weight(A, B, d, b, scale, weight):
+    """``W + scale * (b * B)(d * A)`` (m, n), one BLAS call (float32 / float64)."""
+    left = _up(B, b, weight.dtype) * scale
+    right = A * d.to(A.dtype)[:, None] if d is not None else A
+    return torch.addmm(weight, left, right)
+
+
+def _weight_forward(x, weight, bias, A, B, d, b, scale, out):
+    """``y = x W_eff^T + bias`` with ``W_eff = W + scale * (b * B)(d * A)``; returns ``x A^T``."""
+    _base_gemm(x, _delta_weight(A, B, d, b, scale, weight), bias, out)
+    return x @ A.T
+
+
+def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side):
+    """Backward of the lean (``weight_side=False``) and weight strategies; they differ in grad_x
+    only: ``g W + gh A`` against ``g W_eff`` (``W_eff`` formed again, nothing (m, n) is saved)."""
     need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
     dtype, acc = g.dtype, xa.dtype
-    dscale = _rank_scale(d, scale, A.shape[0], xa)
-    up = B * b[:, None].to(B.dtype) if b is not None else B
-    gb = (g @ up.to(dtype)).to(acc)  # (b * g) B, (N, r)
-    gh = gb * dscale
     grads = dict.fromkeys(_GRAD_NAMES)
-    if need_d:
-        grads["d"] = (xa * gb).sum(0) * scale
-    if need_b or need_B:
-        p = g.T.to(acc) @ (xa * dscale)  # g^T h, (m, r)
-        if need_b:
-            grads["b"] = (B.to(acc) * p).sum(1)
-        if need_B:
-            grads["B"] = p * b.to(acc)[:, None] if b is not None else p
-    if need_x:
-        grads["x"] = torch.addmm(g @ weight.to(dtype), gh.to(dtype), A.to(dtype))
+    gb = gh = None
+    if need_A or (need_x and not weight_side):
+        gb = mm_acc(g, _up(B, b, acc).to(dtype))  # (b * g) B, (N, r), not rounded to 16 bits
+        gh = gb * _rank_scale(d, scale, A.shape[0], xa)
+    _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb)
+    if need_x and weight_side:
+        grads["x"] = g @ _delta_weight(A, B, d, b, scale, weight)
+    elif need_x:
+        grads["x"] = torch.addmm(g @ weight, gh.to(dtype), A)
     if need_A:
-        grads["A"] = gh.to(dtype).T @ x
+        grads["A"] = mm_acc(gh.to(dtype).T, x)
     if need_weight:
         grads["weight"] = g.T @ x
     if need_bias:
@@ -101,17 +213,27 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs):
     return grads
 
 
-# ---------------------------------------------------------------------------- triton backend
+# ------------------------------------------------------------------------- fused and split (Triton)
 
 
-def _triton_forward(x, weight, bias, A, B, d, b, scale, split):
+def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
+    """Writes ``y`` into ``out`` (N, m); returns ``x A^T`` (N, r) in the accumulation dtype.
+
+    ``split``: cuBLAS computes the base GEMM (in float32 for 16-bit inputs, so that the Triton
+    kernel adding the low-rank path rounds once), a Triton kernel adds the rest.
+    """
     scale_h, scale_B = split_scale(scale)
     B_s = _scaled_B(B, scale_B)
-    xa = kernels.fused_gemm(x, A, out_dtype=acc_dtype(x.dtype))
-    if split:
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        return kernels.add_lowrank_(y, xa, B_s, d, b, scale_h), xa
-    return kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h), xa
+    acc = acc_dtype(x.dtype)
+    xa = kernels.fused_gemm(x, A, out_dtype=acc)
+    if not split:
+        kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h, out=out)
+    elif x.dtype == acc:
+        _base_gemm(x, weight, bias, out)
+        kernels.add_lowrank_(out, xa, B_s, d, b, scale_h)
+    else:
+        kernels.add_lowrank_(out, xa, B_s, d, b, scale_h, base=mm_acc(x, weight.T), bias=bias)
+    return xa
 
 
 def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
@@ -131,10 +253,9 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
         grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T)
     if need_B:
-        p = g.T.to(xa.dtype) @ (xa * _rank_scale(d, scale, A.shape[0], xa))  # g^T h: only when B trains
-        grads["B"] = p * b.to(xa.dtype)[:, None] if b is not None else p
+        _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:
-        grads["A"] = gh.T @ x.to(xa.dtype)
+        grads["A"] = mm_acc(gh.to(g.dtype).T, x) if g.dtype != gh.dtype else gh.T @ x
     if need_weight:
         grads["weight"] = g.T @ x
     if need_bias:
@@ -142,7 +263,43 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
     return grads
 
 
+def _compute_forward(path, x, weight, bias, A, B, d, b, scale, out):
+    if path == "lean":
+        return _lean_forward(x, weight, bias, A, B, d, b, scale, out)
+    if path == "weight":
+        return _weight_forward(x, weight, bias, A, B, d, b, scale, out)
+    return _triton_forward(x, weight, bias, A, B, d, b, scale, out, split=path == "split")
+
+
+def _compute_backward(path, g, x, xa, weight, A, B, d, b, scale, needs):
+    if path in ("lean", "weight"):
+        return _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side=path == "weight")
+    return _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split=path == "split")
+
+
 # ------------------------------------------------------------------------------ custom ops
+
+
+def _trains(x, weight, A, B, d, b) -> str:
+    """What needs gradients in this call, as :func:`pefttriton.strategy.estimate` names it."""
+    if not torch.is_grad_enabled():
+        return "none"
+    factors = A.requires_grad or B.requires_grad
+    vectors = any(t is not None and t.requires_grad for t in (d, b))
+    if factors:
+        return "all" if vectors else "factors"
+    return "vectors" if vectors or x.requires_grad or weight.requires_grad else "none"
+
+
+def _run_path(path: str, t: Tensor, weight: Tensor, A: Tensor) -> str:
+    """``path`` itself, or resolved now for a ``"?<trains>"`` placeholder (forward and backward
+    resolve from the same shapes and the same ``trains``, so they agree)."""
+    if not path.startswith("?"):
+        return path
+    m, n = weight.shape
+    shape = (math.prod(t.shape[:-1]), n, m, A.shape[0])
+    return resolve_path(t.device, t.dtype, shape, path[1:])
+
 
 
 @torch.library.custom_op("pefttriton::lowrank_linear_fwd", mutates_args=())
@@ -157,22 +314,27 @@ def _lowrank_linear_fwd(
     scale: float,
     path: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``y`` (N, m) and ``x A^T`` (N, r) in the accumulation dtype, which backward needs.
+    """Returns ``y`` (..., m) and ``x A^T`` (N, r) in the accumulation dtype, which backward needs.
 
-    ``path`` is ``"torch"``, ``"fused"`` or ``"split"`` (:func:`pefttriton.backend.resolve_path`),
-    or ``""`` to resolve it now (under ``torch.compile``).
+    ``x`` is (..., n); the tokens are flattened inside, so that ``y`` comes out as a tensor of its
+    own, never a view (FSDP2 refuses views from a wrapped module: an in-place op on one would
+    skip its hooks). ``path`` is one of :data:`pefttriton.backend.PATHS`, or ``"?"`` followed by
+    what trains (``"?vectors"``, ...) to resolve it now (under ``torch.compile``).
     """
-    path = path or resolve_path(x.device, x.dtype)
+    m, n = weight.shape
+    path = _run_path(path, x, weight, A)
+    x2 = flatten_tokens(x, n)
+    y = torch.empty((*x.shape[:-1], m), device=x.device, dtype=x.dtype)
+    out = y.view(x2.shape[0], m)
     with no_autocast(x):
-        if path == "torch":
-            return _torch_forward(x, weight, bias, A, B, d, b, scale)
-        return _triton_forward(x, weight, bias, A, B, d, b, scale, split=path == "split")
+        xa = _compute_forward(path, x2, weight, bias, A, B, d, b, scale, out)
+    return y, xa
 
 
 @_lowrank_linear_fwd.register_fake
 def _(x, weight, bias, A, B, d, b, scale, path):
-    xa = x.new_empty((x.shape[0], A.shape[0]), dtype=acc_dtype(x.dtype))
-    return x.new_empty((x.shape[0], weight.shape[0])), xa
+    xa = x.new_empty((math.prod(x.shape[:-1]), A.shape[0]), dtype=acc_dtype(x.dtype))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), xa
 
 
 @torch.library.custom_op("pefttriton::lowrank_linear_bwd", mutates_args=())
@@ -190,13 +352,18 @@ def _lowrank_linear_bwd(
     needs: list[bool],
     path: str,
 ) -> list[Tensor]:
-    """Gradients for (x, weight, bias, A, B, d, b); an empty tensor where ``needs`` is False."""
-    path = path or resolve_path(grad_y.device, grad_y.dtype)
+    """Gradients for (x, weight, bias, A, B, d, b); an empty tensor where ``needs`` is False.
+
+    ``grad_y`` is (..., m) like the forward's ``y``; ``x`` (..., n) or empty when not saved.
+    """
+    m, n = weight.shape
+    path = _run_path(path, grad_y, weight, A)
+    g = grad_y.reshape(-1, m) if m > 0 else grad_y.reshape(math.prod(grad_y.shape[:-1]), 0)
+    x2 = flatten_tokens(x, n) if needs[1] or needs[3] else x  # saved only for grad_weight, grad_A
     with no_autocast(grad_y):
-        if path == "torch":
-            grads = _torch_backward(grad_y, x, xa, weight, A, B, d, b, scale, needs)
-        else:
-            grads = _triton_backward(grad_y, x, xa, weight, A, B, d, b, scale, needs, split=path == "split")
+        grads = _compute_backward(path, g, x2, xa, weight, A, B, d, b, scale, needs)
+    if needs[0]:
+        grads["x"] = grads["x"].reshape(*grad_y.shape[:-1], n)
     inputs = (x, weight, bias, A, B, d, b)
     return [
         grads[name].to(inp.dtype) if need else grad_y.new_empty(0)
@@ -206,7 +373,7 @@ def _lowrank_linear_bwd(
 
 @_lowrank_linear_bwd.register_fake
 def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
-    grads = [grad_y.new_empty((grad_y.shape[0], weight.shape[1]))]
+    grads = [grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))]
     # An absent (None) input never needs a gradient, so its slot is always the empty tensor.
     grads += [t.new_empty(t.shape) if t is not None else None for t in (weight, bias, A, B, d, b)]
     return [grad if need else grad_y.new_empty(0) for grad, need in zip(grads, needs)]
@@ -296,6 +463,10 @@ def lowrank_linear(
         check_tensor("b", b, (m,), x, with_fp32)
     scale = check_scale(scale)
     # Eager calls fix the path here, so that backward runs the same one (see pefttriton.backend).
-    path = "" if torch.compiler.is_compiling() else resolve_path(x.device, x.dtype)
-    y, _ = _lowrank_linear_fwd(flatten_tokens(x, n), weight, bias, A, B, d, b, scale, path)
-    return y.reshape(*x.shape[:-1], m)
+    trains = _trains(x, weight, A, B, d, b)
+    if torch.compiler.is_compiling():
+        path = "?" + trains
+    else:
+        path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains))
+    y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, path)
+    return y
