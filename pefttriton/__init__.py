@@ -13,16 +13,44 @@ from pefttriton.backend import (
     use_gemm_mode,
     use_strategy,
 )
-from pefttriton.config import AdapterConfig, DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.deep_lora import FusedDeepLoRALinear, compress_init, discrepant_param_groups
-from pefttriton.injection import inject, merge_and_unload, print_trainable_parameters, trainable_parameter_summary
+from pefttriton.config import (
+    AdapterConfig,
+    DeepLoRAConfig,
+    LoRAConfig,
+    LoRMAConfig,
+    VeRAConfig,
+)
+from pefttriton.deep_lora import (
+    FusedDeepLoRALinear,
+    compress_init,
+    discrepant_param_groups,
+)
+from pefttriton.distributed import (
+    consolidate_sharded_adapter,
+    load_sharded_adapter,
+    save_sharded_adapter,
+)
+from pefttriton.injection import (
+    inject,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameter_summary,
+)
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.lorma import FusedLoRMALinear
 from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
-from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
+from pefttriton.peft_interop import (
+    from_peft_model,
+    load_peft_adapter,
+    save_peft_adapter,
+)
 from pefttriton.registry import register_adapter
 from pefttriton.save import load_adapter, save_adapter
-from pefttriton.strategy import clear_strategy_cache, set_strategy_autotune, strategy_cache
+from pefttriton.strategy import (
+    clear_strategy_cache,
+    set_strategy_autotune,
+    strategy_cache,
+)
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 __all__ = [
@@ -39,6 +67,7 @@ __all__ = [
     "VeRAProjections",
     "clear_strategy_cache",
     "compress_init",
+    "consolidate_sharded_adapter",
     "discrepant_param_groups",
     "from_peft_model",
     "get_backend",
@@ -48,6 +77,7 @@ __all__ = [
     "last_path",
     "load_adapter",
     "load_peft_adapter",
+    "load_sharded_adapter",
     "lorma_pi_linear",
     "lowrank_linear",
     "merge_and_unload",
@@ -55,6 +85,7 @@ __all__ = [
     "register_adapter",
     "save_adapter",
     "save_peft_adapter",
+    "save_sharded_adapter",
     "set_backend",
     "set_gemm_mode",
     "set_strategy",

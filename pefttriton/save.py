@@ -66,16 +66,24 @@ def _redrawn_equal(projections: VeRAProjections) -> bool:
     return torch.equal(A.cpu(), redrawn.vera_A) and torch.equal(B.cpu(), redrawn.vera_B)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
-    """Write the adapters of ``model`` to the safetensors file ``path`` (see the module docstring).
+def adapter_checkpoint(model: nn.Module, rename=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, metadata)`` of an adapter checkpoint of ``model``, nothing copied or gathered.
 
-    Returns:
-        ``{"tensors": count, "bytes": tensor bytes}`` of what was written.
+    ``tensors``: the adapter parameters of every fused layer and every other parameter with
+    ``requires_grad`` (a head trained in full), detached, by name; plus
+    ``__projections__.<i>.vera_A`` / ``vera_B`` for a shared VeRA pair its seed does not redraw.
+    ``metadata``: ``{"format_version", "layers": {name: {"adapter_type", "r", "kwargs", "merged",
+    "fan_in_fan_out"[, "projections"]}}, "projections": [{"r", "max_in", "max_out", "seed",
+    "stored"}], "trainable": [names], "modules_to_save": [names]}``. ``rename`` maps every module
+    and parameter name (wrappers stripped, say); identity by default.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` has no fused adapter layer.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    rename = rename or (lambda name: name)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no fused adapter layer to save")
@@ -83,9 +91,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     tensors, trainable = {}, []
     for name, p in model.named_parameters():
         if id(p) in adapter_ids or p.requires_grad:
-            tensors[name] = p.detach().contiguous().cpu()
+            tensors[rename(name)] = p.detach()
             if p.requires_grad:
-                trainable.append(name)
+                trainable.append(rename(name))
     groups: dict[int, int] = {}
     projections_meta = []
     layer_meta = {}
@@ -109,17 +117,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
                 )
                 if stored:
                     i = groups[id(proj)]
-                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_A"] = proj.vera_A.detach().contiguous().cpu()
-                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_B"] = proj.vera_B.detach().contiguous().cpu()
+                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_A"] = proj.vera_A.detach()
+                    tensors[f"{_PROJECTIONS_PREFIX}{i}.vera_B"] = proj.vera_B.detach()
             entry["projections"] = groups[id(proj)]
-        layer_meta[name] = entry
+        layer_meta[rename(name)] = entry
     meta = {
         "format_version": FORMAT_VERSION,
         "layers": layer_meta,
         "projections": projections_meta,
         "trainable": trainable,
-        "modules_to_save": modules_to_save(model),
+        "modules_to_save": [rename(name) for name in modules_to_save(model)],
     }
+    return tensors, meta
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
+    """Write the adapters of ``model`` to the safetensors file ``path`` (see the module docstring).
+
+    Returns:
+        ``{"tensors": count, "bytes": tensor bytes}`` of what was written.
+    """
+    from safetensors.torch import save_file
+
+    tensors, meta = adapter_checkpoint(model)
+    tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
     save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
     return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 

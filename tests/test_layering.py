@@ -22,7 +22,10 @@ LAYERS = {
         "pefttriton.adapter_layer", "pefttriton.vera", "pefttriton.lora", "pefttriton.deep_lora",
         "pefttriton.lorma", "pefttriton.config", "pefttriton.registry",
     ),
-    "integration": ("pefttriton.surgery", "pefttriton.injection", "pefttriton.save", "pefttriton.peft_interop"),
+    "integration": (
+        "pefttriton.surgery", "pefttriton.injection", "pefttriton.save", "pefttriton.peft_interop",
+        "pefttriton.distributed", "pefttriton.accelerate", "pefttriton.vera_bank",
+    ),
     "tools": ("pefttriton", "pefttriton.analysis", "pefttriton.kernel_report"),
 }
 ORDER = list(LAYERS)
