@@ -1,5 +1,6 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
+from pefttriton.accelerate import AccelerationReport, accelerate, acceleration_report
 from pefttriton.adapter_layer import AdapterLayer
 from pefttriton.backend import (
     get_backend,
@@ -54,6 +55,7 @@ from pefttriton.strategy import (
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
 
 __all__ = [
+    "AccelerationReport",
     "AdapterConfig",
     "AdapterLayer",
     "DeepLoRAConfig",
@@ -65,6 +67,8 @@ __all__ = [
     "LoRMAConfig",
     "VeRAConfig",
     "VeRAProjections",
+    "accelerate",
+    "acceleration_report",
     "clear_strategy_cache",
     "compress_init",
     "consolidate_sharded_adapter",

@@ -9,7 +9,8 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_usage_example_runs():
-    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "FusedVeRALinear(base" in b)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
     layer, base = namespace["layer"], namespace["base"]
