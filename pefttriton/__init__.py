@@ -39,7 +39,7 @@ from pefttriton.injection import (
 )
 from pefttriton.lora import FusedLoRALinear
 from pefttriton.lorma import FusedLoRMALinear
-from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_linear
+from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_bank_linear, vera_linear
 from pefttriton.peft_interop import (
     from_peft_model,
     load_peft_adapter,
@@ -53,6 +53,7 @@ from pefttriton.strategy import (
     strategy_cache,
 )
 from pefttriton.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.vera_bank import VeRABank, adapter_ids, inject_banks, load_into_banks, to_banks
 
 __all__ = [
     "AccelerationReport",
@@ -65,10 +66,12 @@ __all__ = [
     "FusedVeRALinear",
     "LoRAConfig",
     "LoRMAConfig",
+    "VeRABank",
     "VeRAConfig",
     "VeRAProjections",
     "accelerate",
     "acceleration_report",
+    "adapter_ids",
     "clear_strategy_cache",
     "compress_init",
     "consolidate_sharded_adapter",
@@ -78,8 +81,10 @@ __all__ = [
     "get_gemm_mode",
     "get_strategy",
     "inject",
+    "inject_banks",
     "last_path",
     "load_adapter",
+    "load_into_banks",
     "load_peft_adapter",
     "load_sharded_adapter",
     "lorma_pi_linear",
@@ -95,10 +100,12 @@ __all__ = [
     "set_strategy",
     "set_strategy_autotune",
     "strategy_cache",
+    "to_banks",
     "trainable_parameter_summary",
     "use_backend",
     "use_gemm_mode",
     "use_strategy",
+    "vera_bank_linear",
     "vera_linear",
 ]
 __version__ = "0.1.0"

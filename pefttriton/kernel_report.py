@@ -29,8 +29,9 @@ from triton.compiler import ASTSource
 
 from pefttriton.kernels import lorma_pi as lp
 from pefttriton.kernels import lowrank_linear as lk
+from pefttriton.kernels import vera_bank as vb
 
-_KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp}
+_KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp, "vera_bank": vb}
 
 _TRITON_TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # Largest shared memory one block may use: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
@@ -48,6 +49,7 @@ class Variant:
     fp32_pointers: tuple = ()  # pointers that are fp32 whatever the input dtype (saved x A^T, gh, partials)
     block_r: int | None = None  # BLOCK_R of the low-rank backward kernel
     module: str = "lowrank_linear"  # file of pefttriton/kernels/ that defines the kernel
+    int_pointers: tuple = ()  # pointers to int32 (the VeRA bank's adapter ids)
 
 
 def _gemm_variants():
@@ -103,15 +105,36 @@ def _lorma_pi_variants():
     ]
 
 
+def _vera_bank_variants():
+    # The adapter ids are int32, the b table float32 (the bank's parameters), the split base float32.
+    # HAS_H_SCALE is on for float16 only; compiled on for every dtype (one more scalar load).
+    k = "_vera_bank_gemm_kernel"
+    fp32 = ("bank_b_ptr", "h_scale_ptr")
+
+    def flags(main):
+        return (("HAS_MAIN", main), ("HAS_BIAS", True), ("HAS_C", not main), ("HAS_H_SCALE", True))
+
+    return [
+        Variant(k, "VeRA bank: x W^T + bias + b[ids] (h B^T)", flags(True),
+                ("stride_xk", "stride_wk", "stride_hr", "stride_lbr", "stride_yn"), fp32,
+                module="vera_bank", int_pointers=("ids_ptr",)),
+        Variant(k, "VeRA bank split: base32 + b[ids] (h B^T)", flags(False),
+                ("stride_hr", "stride_lbr", "stride_cn", "stride_yn"), fp32 + ("c_ptr",),
+                module="vera_bank", int_pointers=("ids_ptr",)),
+    ]
+
+
 def variants() -> list[Variant]:
     """Every (kernel, call site) pair the ops launch."""
-    return _gemm_variants() + _grad_variants() + _lorma_pi_variants()
+    return _gemm_variants() + _grad_variants() + _lorma_pi_variants() + _vera_bank_variants()
 
 
 def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
     """The configs the autotuner may pick for this call site and dtype (``tf32``: fp32 inputs, TF32 dots)."""
     if variant.module == "lorma_pi":
         return lp.CONFIGS[variant.kernel]  # one list: fp32 dots for every input dtype
+    if variant.module == "vera_bank":
+        return vb.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
     if variant.kernel != "_fused_gemm_kernel":
         return lk.GRAD_CONFIGS
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
@@ -161,6 +184,9 @@ def _source(variant: Variant, config: triton.Config, dtype: str, input_precision
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
+        elif arg in variant.int_pointers:
+            signature[arg] = "*i32"
+            aligned.append(i)
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32" if arg in variant.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
             aligned.append(i)

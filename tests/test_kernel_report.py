@@ -14,6 +14,7 @@ import pytest
 
 from pefttriton.kernels import lorma_pi as lp
 from pefttriton.kernels import lowrank_linear as lk
+from pefttriton.kernels import vera_bank as vb
 
 TIMEOUT = 900
 
@@ -50,6 +51,8 @@ def test_every_shipped_config_and_target_is_covered(report):
         + n_variants["_lowrank_grad_kernel"] * len(lk.GRAD_CONFIGS)
         # LoRMA-pi kernels upcast to fp32: compiled for fp32 and tf32 only
         + (sum(len(c) for c in lp.CONFIGS.values()) if dtype in ("fp32", "tf32") else 0)
+        # the VeRA bank kernel: fused and split call sites
+        + 2 * len(vb.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype])
         for dtype in ("fp16", "bf16", "fp32", "tf32")
     }
     for target in ("sm_80", "sm_90"):
