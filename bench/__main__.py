@@ -1,5 +1,5 @@
-"""``python -m bench``: the main job (see :mod:`bench.cli`)."""
+"""``python -m bench`` (or ``python -m pefttriton.bench`` once installed): the main job (:mod:`bench.cli`)."""
 
-from bench.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -1,17 +1,20 @@
 """What is benchmarked: the implementations (fused adapters and baselines) and the shapes.
 
 The fused implementations are the adapters of pefttriton's registry; an implementation that fails
-to build is reported as "not available" with the reason, never silently left out.
+to build is reported as "not available" with the reason, never silently left out. Each fused
+adapter is timed under every strategy of :func:`strategies`: ``auto`` and each path the backend
+allows for the device and dtype (:func:`pefttriton.backend.candidates`).
 """
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from bench import baselines
+from . import baselines
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class Impl:
     fused: bool
     label: str
     make: Callable[[nn.Linear, int], nn.Module]
+    short: str = ""  # the table's name: the family for a fused adapter, the kind of baseline otherwise
+
+    @property
+    def short_name(self) -> str:
+        return self.short or (self.family if self.fused else self.label)
 
 
 def _fused(adapter: str) -> Callable[[nn.Linear, int], nn.Module]:
@@ -54,13 +62,14 @@ IMPLS: dict[str, Impl] = {
     impl.name: impl
     for impl in (
         *_fused_impls(),
-        Impl("peft_vera", "vera", False, "PEFT VeRA", baselines.peft_vera_layer),
-        Impl("peft_lora", "lora", False, "PEFT LoRA", baselines.peft_lora_layer),
-        Impl("torch_lora", "lora", False, "unfused LoRA (torch)", baselines.TorchLoRALinear),
-        Impl("lean_lora", "lora", False, "lean LoRA (cuBLAS, custom autograd)", baselines.LeanLoRALinear),
-        Impl("lean_vera", "vera", False, "lean VeRA (cuBLAS, custom autograd)", baselines.LeanVeRALinear),
-        Impl("torch_deep_lora", "deep_lora", False, "unfused Deep LoRA (torch)", baselines.TorchDeepLoRALinear),
-        Impl("torch_lorma", "lorma", False, "unfused LoRMA+ (torch)", baselines.TorchLoRMAPlusLinear),
+        Impl("peft_vera", "vera", False, "PEFT VeRA", baselines.peft_vera_layer, "PEFT"),
+        Impl("peft_lora", "lora", False, "PEFT LoRA", baselines.peft_lora_layer, "PEFT"),
+        Impl("torch_lora", "lora", False, "unfused LoRA (torch)", baselines.TorchLoRALinear, "torch"),
+        Impl("lean_lora", "lora", False, "lean LoRA (cuBLAS, custom autograd)", baselines.LeanLoRALinear, "lean"),
+        Impl("lean_vera", "vera", False, "lean VeRA (cuBLAS, custom autograd)", baselines.LeanVeRALinear, "lean"),
+        Impl("torch_deep_lora", "deep_lora", False, "unfused Deep LoRA (torch)", baselines.TorchDeepLoRALinear,
+             "torch"),
+        Impl("torch_lorma", "lorma", False, "unfused LoRMA+ (torch)", baselines.TorchLoRMAPlusLinear, "torch"),
     )
 }
 
@@ -127,38 +136,64 @@ def suite(device: torch.device, kind: str) -> Suite:
     return Suite(((1024, 1024), (1024, 2752)), (512, 2048, 4096), (torch.float32,), _ranks((256,), (16,)))
 
 
-def gemm_modes(device: torch.device) -> tuple[str | None, ...]:
-    """The base-GEMM modes a fused adapter is timed in: each Triton mode on CUDA, none on the CPU."""
-    if device.type != "cuda":
-        return (None,)
-    from pefttriton import backend
+def strategies(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The strategies a fused adapter is timed under: ``auto``, then every path the backend in force
+    allows for ``device`` and ``dtype`` (CPU fp32: lean, weight; CUDA bf16: fused, split, lean)."""
+    from pefttriton.backend import candidates
 
-    return tuple(getattr(backend, "GEMM_MODES", ())) or (None,)
+    return ("auto", *candidates(device, dtype))
 
 
 @contextlib.contextmanager
-def gemm_mode(mode: str | None) -> Iterator[None]:
-    """Runs the block with pefttriton's base-GEMM mode set to ``mode`` (no-op for None)."""
-    if mode is None:
+def strategy(name: str | None) -> Iterator[None]:
+    """Runs the block under pefttriton's strategy ``name`` (a no-op for None: the baselines)."""
+    if name is None:
         yield
         return
-    from pefttriton import backend
+    from pefttriton import use_strategy
 
-    with backend.use_gemm_mode(mode):
+    with use_strategy(name):
         yield
 
 
-def backend_label(impl: Impl, device: torch.device, mode: str | None) -> str:
-    """Which code computed a figure: the fused op's backend, or the eager baseline."""
+def path_taken(fn: Callable[[], None], name: str | None) -> str | None:
+    """Runs ``fn()`` under strategy ``name``; the path its last fused-op call took (None: no call).
+
+    Runs in a copy of the current context, so that a path left by an earlier call cannot be read
+    as this one's and nothing leaks out.
+    """
+    from pefttriton.backend import last_path, record_path
+
+    def run() -> str | None:
+        record_path(None)
+        with strategy(name):
+            fn()
+        return last_path()
+
+    return contextvars.copy_context().run(run)
+
+
+def strategy_label(strategy: str | None, path: str | None) -> str:
+    """``"lean"``; ``"auto->weight"`` for auto (or for a strategy the backend ran as another path)."""
+    if strategy is None:
+        return ""
+    return strategy if path in (None, strategy) else f"{strategy}->{path}"
+
+
+def backend_label(impl: Impl, device: torch.device, strategy: str | None = None, path: str | None = None) -> str:
+    """Which code computed a figure: the fused op's strategy and the path it took (Triton or
+    PyTorch), or the eager baseline."""
     if not impl.fused:
         return "peft (torch eager)" if impl.name.startswith("peft") else "torch eager"
-    from pefttriton.backend import interpreting, resolve_backend
+    from pefttriton.backend import interpreting, uses_triton
 
-    name = resolve_backend(device)
-    if name == "triton":
-        name = "triton-interpreter" if interpreting() else "triton"
-        return f"{name} (gemm={mode})" if mode else name
-    return "torch (pefttriton CPU path)" if device.type == "cpu" else "torch (pefttriton fallback)"
+    if path is None:
+        runtime = "?"
+    elif uses_triton(path):
+        runtime = "triton-interpreter" if interpreting() else "triton"
+    else:
+        runtime = "torch"
+    return f"pefttriton {strategy_label(strategy, path)} ({runtime})"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

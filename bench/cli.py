@@ -1,28 +1,35 @@
 """The main job: ``python -m bench``, fused vs unfused on whatever device exists.
 
 Runs every implementation of :mod:`bench.cases` on a grid of shapes (short by default, ``--full``
-for the whole grid), prints a table fused vs unfused (time ratio, saved-memory ratio), and writes
-into the results folder (default ``./results``):
+for the whole grid), each fused adapter under ``auto`` and under every strategy the device and
+dtype allow, prints two tables in 100 columns (fused with auto vs unfused: time ratio,
+saved-memory ratio; auto against the fastest strategy), and writes into the results folder
+(default ``./results`` of the current directory):
 
-* ``bench-<device>.json``: every measurement, each labelled with device and backend, the
-  comparison rows, the roofline model of every op, what was not available and why;
-* ``bench-<device>.png``: step time and bytes saved for backward against tokens;
+* ``bench-<device>.json``: every measurement, each labelled with device, backend, strategy and the
+  path it took, the comparison rows, auto against the best strategy per shape, the roofline model
+  of every op, what was not available and why;
+* ``bench-<device>.png``: step time and bytes saved for backward against tokens, the step-time
+  ratios fused / unfused and auto / best with their noise as error bars;
 * ``roofline-<device>.md``: flops and minimum bytes moved per op, fused vs unfused.
 
-This module is the command line; :mod:`bench.run` measures and :mod:`bench.report` reports.
+``--readme README.md`` then renders the README's figures from the JSON (:mod:`bench.readme`).
+Installed, the same job is ``python -m pefttriton.bench``. This module is the command line;
+:mod:`bench.run` measures and :mod:`bench.report` reports.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from bench import cases, report, run
+from . import cases, readme, report, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else the CPU (default)")
     p.add_argument("--full", action="store_true", help="the whole grid of shapes instead of the short run")
@@ -36,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timing rounds per implementation (default 11 on CPU, 10 on GPU)")
     p.add_argument("--min-seconds", type=float, help="minimum length of one timing sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--readme", metavar="README.md",
+                   help="then render the block between the benchmark markers of this file from the JSON written")
     return p.parse_args(argv)
 
 
@@ -43,6 +52,12 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the job; returns 0, or 1 when an available implementation failed on some shape."""
@@ -72,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if device.type == "cuda" else 0.02)
 
     dev_name = run.device_name(device)
-    print(f"pefttriton benchmark on {device.type.upper()}: {dev_name}")
+    print(report.wrap(f"pefttriton benchmark on {device.type.upper()}: {dev_name}"))
     if device.type == "cpu":
-        print("CPU run: fused layers use pefttriton's torch backend; every figure below is a CPU figure, "
-              "not a GPU one.")
+        print(report.wrap("CPU run: fused layers run pefttriton's PyTorch strategies (lean, weight); every figure "
+                          "below is a CPU figure, not a GPU one."))
 
     unavailable: dict[str, str] = {}
     available: dict[str, cases.Impl] = {}
@@ -85,20 +100,27 @@ def main(argv: list[str] | None = None) -> int:
             available[name] = cases.IMPLS[name]
         else:
             unavailable[name] = reason
-            print(f"  {cases.IMPLS[name].label}: {reason}")
+            print(report.wrap(f"  {cases.IMPLS[name].label}: {reason}", "    "))
 
-    entries = run.entries(suite, available, device)
+    entries = {dt: run.entries(suite, available, device, dt) for dt in suite.dtypes}
     groups = [(dt, n, m, N) for dt in suite.dtypes for (n, m) in suite.layers for N in suite.tokens]
-    bar = run.progress(len(groups) * (len(entries) + rounds), not args.no_progress, f"bench {device.type}")
+    bar = run.progress(sum(len(entries[g[0]]) + rounds for g in groups), not args.no_progress, f"bench {device.type}")
+    load_start = _load_average()
     records: list[dict] = []
     try:
         for dt, n, m, N in groups:
-            records += run.measure_group(device, dt, n, m, N, entries, rounds, min_seconds, bar)
+            records += run.measure_group(device, dt, n, m, N, entries[dt], rounds, min_seconds, bar)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         bar.close()
+    # The 1-minute load average before and after: other work on a shared machine disturbs CPU timings.
     run_meta = {"versions": run.versions(), "torch_threads": torch.get_num_threads(), "rounds": rounds,
-                "min_seconds": min_seconds}
-    return report.write(Path(args.out), device, dev_name, kind, list(argv or sys.argv[1:]), run_meta, suite,
+                "min_seconds": min_seconds, "load_average": [load_start, _load_average()]}
+    out = Path(args.out)
+    code = report.write(out, device, dev_name, kind, list(sys.argv[1:] if argv is None else argv), run_meta, suite,
                         unavailable, records)
+    if args.readme:
+        readme.update(Path(args.readme), out / f"bench-{device.type}.json")
+        print(f"Rendered the benchmark block of:\n  {args.readme}")
+    return code

@@ -12,7 +12,7 @@ figures are also written as data.
 import argparse
 import json
 
-from bench.deep_factorization import low_rank_bias_experiment, trajectory_experiment
+from .deep_factorization import low_rank_bias_experiment, trajectory_experiment
 
 CHECKPOINTS = (0, 100, 200, 300, 400)
 

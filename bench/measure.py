@@ -8,6 +8,7 @@
 """
 
 import contextlib
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -138,9 +139,11 @@ def time_interleaved(
     """Seconds per call of each function, ``rounds`` samples each, taken round-robin.
 
     Round-robin order means slow drift of the machine (clock, other load) hits every function
-    alike, so ratios between them stay fair. Each sample runs a function enough times in a row
-    to last ``min_seconds`` (calibrated on one call; the first call of each is a warm-up), so the
-    CUDA synchronisation and timer overheads stay small.
+    alike, so ratios between them stay fair; the order within a round is shuffled (seeded), so no
+    function always runs right after the same neighbour (whose caches and allocations it would
+    inherit). Each sample runs a function enough times in a row to last ``min_seconds``
+    (calibrated on one call; the first call of each is a warm-up), so the CUDA synchronisation
+    and timer overheads stay small.
     """
     loops = {}
     for name, fn in fns.items():
@@ -152,8 +155,11 @@ def time_interleaved(
         once = time.perf_counter() - start
         loops[name] = max(1, int(min_seconds / max(once, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             synchronize(device)
             start = time.perf_counter()
             for _ in range(loops[name]):

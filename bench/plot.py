@@ -1,8 +1,19 @@
-"""The main job's figure: step time and bytes saved for backward against tokens, fused vs unfused."""
+"""The main job's figure, one row per (dtype, layer shape), against tokens: step time and bytes saved
+for backward of every implementation (fused adapters once per strategy), the step-time ratio
+fused (auto) / unfused, and auto's step time over the best strategy's; ratios with their noise
+(half the interquartile ranges, combined) as error bars."""
 
 from pathlib import Path
 
 COLORS = {"vera": "tab:blue", "lora": "tab:orange", "deep_lora": "tab:green", "lorma": "tab:red"}
+# Fused adapters: one line style per strategy (auto solid).
+STRATEGY_STYLES = {
+    "auto": {"linestyle": "-", "marker": "o"},
+    "fused": {"linestyle": (0, (5, 1)), "marker": "D"},
+    "split": {"linestyle": "-.", "marker": "v"},
+    "lean": {"linestyle": (0, (3, 1, 1, 1, 1, 1)), "marker": "^"},
+    "weight": {"linestyle": (0, (1, 1)), "marker": "P"},
+}
 
 
 def _rank_style(rank: int, ranks: list[int]) -> dict:
@@ -14,86 +25,115 @@ def _rank_style(rank: int, ranks: list[int]) -> dict:
 
 def _style(rec: dict) -> dict:
     if rec["fused"]:
-        style = {"linestyle": "-", "marker": "o"}
-        if rec.get("gemm_mode") == "split":
-            style = {"linestyle": "-.", "marker": "D"}
+        style = dict(STRATEGY_STYLES.get(rec.get("strategy") or "auto", STRATEGY_STYLES["auto"]))
+        if rec.get("strategy") not in (None, "auto"):
+            style["linewidth"] = 1.0  # the named strategies are thinner than auto
     elif rec["impl"].startswith("peft"):
         style = {"linestyle": "--", "marker": "s"}
     else:
         style = {"linestyle": ":", "marker": "x"}
-    return {**style, "color": COLORS.get(rec["family"], "black"), "markersize": 5, "linewidth": 1.6}
+    return {"linewidth": 1.6, **style, "color": COLORS.get(rec["family"], "black"), "markersize": 5}
 
 
-def plot(records: list[dict], comparisons: list[dict], path: Path) -> Path:
-    """Writes a PNG, one row per (dtype, layer shape), log-log against tokens: step time, bytes saved
-    for backward, and the step-time ratio fused / unfused of every row of ``comparisons``."""
+def _log_tokens(ax, ylabel: str, title: str, logy: bool = True) -> None:
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+
+
+def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: list[dict] | None = None) -> Path:
+    """Writes a PNG, one row per (dtype, layer shape), against tokens: step time, bytes saved for
+    backward, the step-time ratio fused / unfused of the ``auto`` rows of ``comparisons`` and auto /
+    best strategy of ``strategies`` (:func:`bench.report.strategy_rows`), ratios with error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
+    strategies = strategies or []
+
+    def line_key(r):
+        return r["impl"], r["r"], r.get("strategy") or ""
+
     panels = sorted({(r["dtype"], r["in_features"], r["out_features"]) for r in ok})
     nrows = max(1, len(panels))
-    n_lines = len({(r["impl"], r["r"], r.get("gemm_mode")) for r in ok})
-    legend_rows = -(-n_lines // 3)
+    n_lines = len({line_key(r) for r in ok})
+    legend_rows = -(-n_lines // 4)
     height = 4.2 * nrows + 0.8 + 0.22 * legend_rows
-    fig, axes = plt.subplots(nrows, 3, figsize=(17.0, height), squeeze=False)
+    fig, axes = plt.subplots(nrows, 4, figsize=(22.0, height), squeeze=False)
     device = ok[0]["device"].upper() if ok else "?"
     device_name = ok[0]["device_name"] if ok else "?"
-    fused_backends = sorted({r["backend"] for r in ok if r["fused"]})
     handles = {}
     for row, (dtype, n, m) in enumerate(panels):
+        where = f"{n}x{m}, {dtype}, measured on {device}"
         here = [r for r in ok if (r["dtype"], r["in_features"], r["out_features"]) == (dtype, n, m)]
-        lines = sorted({(r["impl"], r["r"], r.get("gemm_mode")) for r in here}, key=str)
-        for impl, rank, mode in lines:
-            pts = sorted((r for r in here if (r["impl"], r["r"], r.get("gemm_mode")) == (impl, rank, mode)),
-                         key=lambda r: r["tokens"])
-            label = f"{pts[0]['label']} r={rank}" + (f" gemm={mode}" if mode else "")
+        for key in sorted({line_key(r) for r in here}):
+            pts = sorted((r for r in here if line_key(r) == key), key=lambda r: r["tokens"])
+            impl, rank, strategy = key
+            label = f"{pts[0]['label']} r={rank}" + (f" [{strategy}]" if strategy else "")
             tokens = [p["tokens"] for p in pts]
             ranks = sorted({r["r"] for r in here if r["family"] == pts[0]["family"]})
             style = {**_style(pts[0]), **_rank_style(rank, ranks)}
             for col, values in ((0, [p["step_ms"] for p in pts]), (1, [p["saved_bytes"] / 1e6 for p in pts])):
                 (h,) = axes[row][col].plot(tokens, values, label=label, **style)
             handles.setdefault(label, h)
-        for col, ylabel in ((0, "step time, forward + backward (ms)"), (1, "saved for backward (MB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-            kind = "time" if col == 0 else "memory"
-            ax.set_title(f"{kind}: {n}x{m}, {dtype}, measured on {device}", fontsize=10)
-        ax = axes[row][2]
-        pairs = [c for c in comparisons if (c["dtype"], c["in_features"], c["out_features"]) == (dtype, n, m)]
-        def line(c):
-            return c["fused"], c["unfused"], c["r"], c["fused_backend"]
+        _log_tokens(axes[row][0], "step time, forward + backward (ms)", f"time: {where}")
+        _log_tokens(axes[row][1], "saved for backward (MB)", f"memory: {where}")
 
-        for fused, unfused, rank, backend in sorted({line(c) for c in pairs}):
-            pts = sorted((c for c in pairs if line(c) == (fused, unfused, rank, backend)), key=lambda c: c["tokens"])
+        ax = axes[row][2]
+        pairs = [c for c in comparisons if (c["dtype"], c["in_features"], c["out_features"]) == (dtype, n, m)
+                 and c.get("strategy") in (None, "auto")]
+
+        def pair(c):
+            return c["fused"], c["unfused"], c["r"]
+
+        for fused, unfused, rank in sorted({pair(c) for c in pairs}):
+            pts = sorted((c for c in pairs if pair(c) == (fused, unfused, rank)), key=lambda c: c["tokens"])
             family = pts[0]["family"]
             ranks = sorted({c["r"] for c in pairs if c["family"] == family})
             style = {"color": COLORS.get(family, "black"), "marker": "o", "markersize": 4, "linewidth": 1.4,
-                     "linestyle": "--" if unfused.startswith("PEFT") else ":", **_rank_style(rank, ranks)}
-            ax.plot([c["tokens"] for c in pts], [c["step_time_ratio"] for c in pts],
-                    label=f"{fused} / {unfused} r={rank}" + (f" [{backend}]" if "gemm" in backend else ""), **style)
+                     "linestyle": "--" if unfused.startswith("PEFT") else ":", "capsize": 3, **_rank_style(rank, ranks)}
+            ax.errorbar([c["tokens"] for c in pts], [c["step_time_ratio"] for c in pts],
+                        yerr=[c["step_time_ratio_spread"] for c in pts], label=f"{fused} / {unfused} r={rank}", **style)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("step time fused / unfused (< 1: fused faster)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(f"time ratio: {n}x{m}, {dtype}, measured on {device}", fontsize=10)
+        _log_tokens(ax, "step time fused (auto) / unfused (< 1: fused faster)", f"time ratio: {where}", logy=False)
         if pairs:
             ax.legend(fontsize=7, loc="best")
+
+        ax = axes[row][3]
+        rows = [s for s in strategies if (s["dtype"], s["in_features"], s["out_features"]) == (dtype, n, m)
+                and s["auto_over_best"] is not None]
+        for adapter, rank in sorted({(s["adapter"], s["r"]) for s in rows}):
+            pts = sorted((s for s in rows if (s["adapter"], s["r"]) == (adapter, rank)), key=lambda s: s["tokens"])
+            family = pts[0]["family"]
+            ranks = sorted({s["r"] for s in rows if s["family"] == family})
+            ax.errorbar([s["tokens"] for s in pts], [s["auto_over_best"] for s in pts],
+                        yerr=[s["auto_over_best_spread"] for s in pts], label=f"{adapter} r={rank}",
+                        color=COLORS.get(family, "black"), marker="o", markersize=4, linewidth=1.4, capsize=3,
+                        **_rank_style(rank, ranks))
+            for s in pts:  # which strategy was fastest, at each point
+                ax.annotate(s["best"], (s["tokens"], s["auto_over_best"]), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3), color=COLORS.get(family, "black"))
+        if rows:
+            ax.axhline(rows[0]["target"], color="tab:red", linewidth=0.8, linestyle="--",
+                       label=f"target {rows[0]['target']:g}")
+            ax.legend(fontsize=7, loc="best")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        _log_tokens(ax, "step time auto / best strategy (labels: best)", f"auto vs best strategy: {where}", logy=False)
+    fused_strategies = sorted({r.get("strategy") for r in ok if r["fused"] and r.get("strategy")})
     fig.suptitle(
         f"pefttriton fused vs unfused, measured on {device}: {device_name}\n"
-        f"fused backend: {', '.join(fused_backends) or 'n/a'}; baselines: torch eager / PEFT"
+        f"fused strategies: {', '.join(fused_strategies) or 'n/a'}; baselines: torch eager / PEFT"
         + ("  (CPU figures, not GPU)" if device == "CPU" else ""),
         fontsize=11,
     )
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
-               ncol=min(3, max(1, len(handles))), fontsize=9, frameon=False)
+               ncol=min(4, max(1, len(handles))), fontsize=9, frameon=False)
     bottom = (0.15 + 0.22 * legend_rows) / height
     fig.tight_layout(rect=(0, bottom, 1, 1 - 0.55 / height))
     path = Path(path)

@@ -1,34 +1,48 @@
-"""Reporting: fused-vs-unfused rows, the text table, the roofline note and the result files."""
+"""Reporting: fused-vs-unfused rows, auto against the best strategy, the text tables, the roofline
+note and the result files.
+
+The printed tables fit in 100 columns (:data:`WIDTH`); everything else (fused ms, forward ratios,
+every strategy's time, GPU memory and kernel counts) is in the JSON.
+"""
 
 import datetime
 import json
-import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import cases, roofline
+from . import cases, roofline
 
 MB = 1e6
+WIDTH = 100  # columns of everything the main job prints
+AUTO_TARGET = 1.05  # auto's step time may be at most this times the best strategy's, at every shape
+SHAPE_KEYS = ("device", "dtype", "tokens", "in_features", "out_features", "r")
+
+
+def _ratio_spread(ratio: float, a: dict, b: dict) -> float:
+    """Noise of ``ratio = a / b``: the half-IQRs of both step timings (relative), combined."""
+    return ratio * (a["step_rel_spread"] ** 2 + b["step_rel_spread"] ** 2) ** 0.5
 
 
 def compare(records: list[dict]) -> list[dict]:
-    """Rows fused vs unfused for every pair of :data:`bench.cases.PAIRS` measured on the same shape."""
+    """Rows fused vs unfused for every pair of :data:`bench.cases.PAIRS` measured on the same shape,
+    one per strategy the fused adapter ran under (``strategy``; the printed table shows ``auto``)."""
     ok = [r for r in records if r["status"] == "ok"]
     rows = []
-    shape_keys = ("device", "dtype", "tokens", "in_features", "out_features", "r")
     for fused_name, base_name in cases.PAIRS:
         for f in (r for r in ok if r["impl"] == fused_name):
-            for b in (r for r in ok if r["impl"] == base_name and all(r[k] == f[k] for k in shape_keys)):
+            for b in (r for r in ok if r["impl"] == base_name and all(r[k] == f[k] for k in SHAPE_KEYS)):
+                ratio = f["step_ms"] / b["step_ms"]
                 rows.append({
-                    **{k: f[k] for k in shape_keys}, "device_name": f["device_name"],
+                    **{k: f[k] for k in SHAPE_KEYS}, "device_name": f["device_name"],
                     "family": f["family"], "fused": f["label"], "unfused": b["label"],
+                    "fused_impl": f["impl"], "unfused_impl": b["impl"],
+                    "strategy": f.get("strategy"), "fused_path": f.get("path"),
                     "fused_backend": f["backend"], "unfused_backend": b["backend"],
                     "fwd_ms_fused": f["fwd_ms"], "fwd_ms_unfused": b["fwd_ms"],
                     "step_ms_fused": f["step_ms"], "step_ms_unfused": b["step_ms"],
-                    "fwd_time_ratio": f["fwd_ms"] / b["fwd_ms"], "step_time_ratio": f["step_ms"] / b["step_ms"],
-                    # noise of the ratio: half-IQRs of both timings, combined
-                    "step_time_ratio_spread": f["step_ms"] / b["step_ms"]
-                    * (f["step_rel_spread"] ** 2 + b["step_rel_spread"] ** 2) ** 0.5,
+                    "fwd_time_ratio": f["fwd_ms"] / b["fwd_ms"], "step_time_ratio": ratio,
+                    "step_time_ratio_spread": _ratio_spread(ratio, f, b),
                     "step_time_ratio_of_minima": f["step_ms_min"] / b["step_ms_min"],
                     "saved_bytes_fused": f["saved_bytes"], "saved_bytes_unfused": b["saved_bytes"],
                     "saved_ratio": f["saved_bytes"] / b["saved_bytes"] if b["saved_bytes"] else None,
@@ -39,13 +53,58 @@ def compare(records: list[dict]) -> list[dict]:
     return rows
 
 
+def strategy_rows(records: list[dict]) -> list[dict]:
+    """Per shape and fused adapter: every strategy's step time, the best strategy (``auto`` aside)
+    and ``auto_over_best``, auto's step time over the best's, with its noise; ``auto_over_its_path``
+    is auto's time over that of the strategy it picked (the cost of choosing, ~1)."""
+    ok = [r for r in records if r["status"] == "ok" and r["fused"] and r.get("strategy")]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for rec in ok:
+        groups.setdefault((*(rec[k] for k in SHAPE_KEYS), rec["impl"]), {})[rec["strategy"]] = rec
+    rows = []
+    for key, by_strategy in groups.items():
+        named = {s: rec for s, rec in by_strategy.items() if s != "auto"}
+        if not named:
+            continue
+        best = min(named, key=lambda s: named[s]["step_ms"])
+        row = {
+            **dict(zip(SHAPE_KEYS, key)), "impl": key[-1], "family": named[best]["family"],
+            "adapter": named[best]["label"], "device_name": named[best]["device_name"],
+            "strategies": list(by_strategy),
+            "step_ms": {s: rec["step_ms"] for s, rec in by_strategy.items()},
+            "step_ms_min": {s: rec["step_ms_min"] for s, rec in by_strategy.items()},
+            "step_rel_spread": {s: rec["step_rel_spread"] for s, rec in by_strategy.items()},
+            "fwd_ms": {s: rec["fwd_ms"] for s, rec in by_strategy.items()},
+            "best": best, "best_step_ms": named[best]["step_ms"],
+            "auto_path": None, "auto_fwd_path": None, "auto_step_ms": None, "auto_over_best": None,
+            "auto_over_best_spread": None, "auto_over_best_of_minima": None, "auto_over_its_path": None,
+            "target": AUTO_TARGET, "within_target": None,
+        }
+        auto = by_strategy.get("auto")
+        if auto is not None:
+            ratio = auto["step_ms"] / named[best]["step_ms"]
+            row.update({
+                "auto_path": auto["path"], "auto_fwd_path": auto["fwd_path"], "auto_step_ms": auto["step_ms"],
+                "auto_over_best": ratio, "auto_over_best_spread": _ratio_spread(ratio, auto, named[best]),
+                "auto_over_best_of_minima": auto["step_ms_min"] / named[best]["step_ms_min"],
+                "within_target": ratio <= AUTO_TARGET,
+            })
+            if auto["path"] in named:
+                row["auto_over_its_path"] = auto["step_ms"] / named[auto["path"]]["step_ms"]
+        rows.append(row)
+    return rows
+
+
 ISSUE2_SHAPE = {"device": "cpu", "dtype": "fp32", "tokens": 4096, "in_features": 1024, "out_features": 1024, "r": 256}
 
 
 def issue2_figures(rows: list[dict]) -> dict | None:
-    """FusedVeRALinear vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32 on the CPU, if measured."""
-    for row in rows:
-        if row["fused"] == "FusedVeRALinear" and all(row[k] == v for k, v in ISSUE2_SHAPE.items()):
+    """FusedVeRALinear (auto) vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32 on the CPU, if measured;
+    ``strategies`` has the step-time ratio of every strategy."""
+    at_shape = [row for row in rows if row["fused"] == "FusedVeRALinear" and row["unfused"] == "PEFT VeRA"
+                and all(row[k] == v for k, v in ISSUE2_SHAPE.items())]
+    for row in at_shape:
+        if row["strategy"] == "auto":
             return {
                 "shape": ISSUE2_SHAPE, "device_name": row["device_name"], "fused_backend": row["fused_backend"],
                 "saved_bytes_fused": row["saved_bytes_fused"], "saved_bytes_peft": row["saved_bytes_unfused"],
@@ -53,57 +112,88 @@ def issue2_figures(rows: list[dict]) -> dict | None:
                 "step_ms_peft": row["step_ms_unfused"], "step_time_ratio": row["step_time_ratio"],
                 "step_time_ratio_spread": row["step_time_ratio_spread"],
                 "step_time_ratio_of_minima": row["step_time_ratio_of_minima"],
+                "strategies": {r["strategy"]: {"path": r["fused_path"], "step_time_ratio": r["step_time_ratio"],
+                                               "step_time_ratio_spread": r["step_time_ratio_spread"]}
+                               for r in at_shape},
             }
     return None
 
 
-def _fmt_mb(b) -> str:
-    return "n/a" if b is None else f"{b / MB:.2f}"
+def _fmt_ratio(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if spread is None else f"{value:.2f} ± {spread:.2f}"
 
 
-def format_table(rows: list[dict], unavailable: dict[str, str], errors: list[dict]) -> str:
-    """The fused-vs-unfused table as text, with a line for every implementation not measured.
-
-    GPU runs add peak memory and CUDA kernels per step; CPU runs have neither, and say GFLOP/s.
-    """
-    gpu = any(r["device"] == "cuda" for r in rows)
-    head = ["device", "dtype", "layer", "tokens", "adapter", "r", "fused backend", "vs", "fwd ratio", "step ratio (± noise)",
-            "step ms fused", "step ms unfused", "fused TFLOP/s" if gpu else "fused GFLOP/s (cpu)",
-            "saved MB fused", "saved MB unfused", "saved ratio"]
-    if gpu:
-        head += ["peak MB fused", "peak MB unfused", "kernels/step fused", "kernels/step unfused"]
-    body = []
-    for r in rows:
-        rate = r["step_gflops_per_s_fused"] / 1e3 if gpu else r["step_gflops_per_s_fused"]
-        cells = [r["device"], r["dtype"], f"{r['in_features']}x{r['out_features']}", str(r["tokens"]), r["fused"],
-                 str(r["r"]), r["fused_backend"], r["unfused"], f"{r['fwd_time_ratio']:.2f}",
-                 f"{r['step_time_ratio']:.2f} ± {r['step_time_ratio_spread']:.2f}", f"{r['step_ms_fused']:.3f}" if gpu else f"{r['step_ms_fused']:.2f}",
-                 f"{r['step_ms_unfused']:.3f}" if gpu else f"{r['step_ms_unfused']:.2f}", f"{rate:.1f}",
-                 _fmt_mb(r["saved_bytes_fused"]), _fmt_mb(r["saved_bytes_unfused"]),
-                 "n/a" if r["saved_ratio"] is None else f"{r['saved_ratio']:.3f}"]
-        if gpu:
-            cells += [_fmt_mb(r["peak_step_bytes_fused"]), _fmt_mb(r["peak_step_bytes_unfused"]),
-                      str(r["cuda_kernels_fused"] if r["cuda_kernels_fused"] is not None else "n/a"),
-                      str(r["cuda_kernels_unfused"] if r["cuda_kernels_unfused"] is not None else "n/a")]
-        body.append(cells)
+def _columns(head: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return [line.rstrip() for line in lines]
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """``text`` in lines of at most :data:`WIDTH` columns (continuation lines indented)."""
+    return "\n".join(textwrap.fill(part, WIDTH, subsequent_indent=indent or "  ", break_on_hyphens=False)
+                     for part in text.split("\n"))
+
+
+def _layer(r: dict) -> str:
+    return f"{r['in_features']}x{r['out_features']}"
+
+
+def format_table(rows: list[dict], unavailable: dict[str, str], errors: list[dict]) -> str:
+    """The main table, fused (strategy ``auto``, with the path it took) vs each unfused baseline,
+    then a line for every implementation not measured; at most :data:`WIDTH` columns."""
+    head = ["dtype", "layer", "tokens", "adapter", "r", "strategy", "vs", "step ratio", "saved ratio"]
+    body = []
+    for r in rows:
+        if r.get("strategy") not in (None, "auto"):
+            continue
+        body.append([r["dtype"], _layer(r), str(r["tokens"]), cases.IMPLS[r["fused_impl"]].short_name
+                     if r.get("fused_impl") in cases.IMPLS else r["family"], str(r["r"]),
+                     cases.strategy_label(r.get("strategy"), r.get("fused_path")),
+                     cases.IMPLS[r["unfused_impl"]].short_name if r.get("unfused_impl") in cases.IMPLS else r["unfused"],
+                     _fmt_ratio(r["step_time_ratio"], r["step_time_ratio_spread"]),
+                     "n/a" if r["saved_ratio"] is None else f"{r['saved_ratio']:.3f}"])
+    lines = _columns(head, body)
     for fused_name, base_name in cases.PAIRS:
         for name in (fused_name, base_name):
             if name in unavailable:
-                lines.append(f"{cases.IMPLS[name].label}: {unavailable[name]}; no {cases.IMPLS[fused_name].label} vs "
-                             f"{cases.IMPLS[base_name].label} row")
+                lines.append(wrap(f"{cases.IMPLS[name].label}: {unavailable[name]}; no {cases.IMPLS[fused_name].label} "
+                                  f"vs {cases.IMPLS[base_name].label} row"))
     for e in errors:
-        lines.append(f"{e['label']} r={e['r']} N={e['tokens']} {e['in_features']}x{e['out_features']}: {e['status']}")
-    lines.append("ratio = fused / unfused (< 1: the fused layer is faster, or keeps fewer bytes for backward); "
-                 "step = forward + backward; fwd = forward under no_grad; medians of interleaved rounds, ± from their "
-                 "interquartile ranges; FLOP/s = roofline-model flops / measured step time.")
+        where = f"{e['label']}" + (f" [{e['strategy']}]" if e.get("strategy") else "")
+        lines.append(wrap(f"{where} r={e['r']} N={e['tokens']} {_layer(e)}: {e['status']}"))
+    lines.append(wrap(
+        "ratio = fused / unfused (< 1: the fused layer is faster, or keeps fewer bytes for backward); step = "
+        "forward + backward; medians of interleaved rounds, ± from their interquartile ranges; vs: PEFT = the "
+        "installed PEFT layer, torch = one eager op per term, lean = every product in BLAS with a hand-written "
+        "backward; strategy auto->X: auto took path X. Forward ratios, times, FLOP/s, memory and every strategy "
+        "vs every baseline: in the JSON."))
     return "\n".join(dict.fromkeys(lines))  # a missing impl of two pairs is said once
 
 
+def format_strategy_table(rows: list[dict]) -> str:
+    """Per shape and adapter: the path auto took, the fastest strategy, auto / best (target at most
+    :data:`AUTO_TARGET`); at most :data:`WIDTH` columns."""
+    head = ["dtype", "layer", "tokens", "adapter", "r", "auto took", "best", "auto/best", "auto ms",
+            f"<={AUTO_TARGET:g}"]
+    body = []
+    for r in rows:
+        body.append([r["dtype"], _layer(r), str(r["tokens"]), r["family"], str(r["r"]), r["auto_path"] or "n/a",
+                     r["best"], _fmt_ratio(r["auto_over_best"], r["auto_over_best_spread"]),
+                     "n/a" if r["auto_step_ms"] is None else f"{r['auto_step_ms']:.2f}",
+                     {True: "yes", False: "NO", None: "n/a"}[r["within_target"]]])
+    lines = _columns(head, body)
+    lines.append(wrap("best = the fastest strategy named explicitly; auto/best = auto's step time over the best's "
+                      "(± noise); every strategy's time: \"strategies\" in the JSON."))
+    return "\n".join(lines)
+
+
 def _line_label(rec: dict) -> str:
-    return rec["label"] + (f" [gemm={rec['gemm_mode']}]" if rec.get("gemm_mode") else "")
+    label = cases.strategy_label(rec.get("strategy"), rec.get("path"))
+    return rec["label"] + (f" [{label}]" if label else "")
 
 
 def roofline_note(records: list[dict]) -> tuple[str, list[dict]]:
@@ -180,14 +270,13 @@ def roofline_note(records: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
-
-
 def write(out: Path, device, dev_name: str, kind: str, argv: list[str], run_meta: dict, suite,
           unavailable: dict[str, str], records: list[dict]) -> int:
-    """Print the table and write the result files; returns 0, or 1 when a measurement failed."""
+    """Print the tables and write the result files (``out/bench-<device>.json`` ...); returns 0, or 1
+    when a measurement failed."""
     rows = compare(records)
+    by_strategy = strategy_rows(records)
     errors = [r for r in records if r["status"] != "ok"]
-    table = format_table(rows, unavailable, errors)
     note, roof_rows = roofline_note(records)
     issue2 = issue2_figures(rows)
 
@@ -199,36 +288,48 @@ def write(out: Path, device, dev_name: str, kind: str, argv: list[str], run_meta
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **run_meta,
             "suite": {**asdict(suite), "dtypes": [cases.dtype_name(d) for d in suite.dtypes]},
-            "units": {"*_ms": "milliseconds, median", "*_bytes": "bytes", "*_gflops_per_s": "GFLOP/s (model flops / time)"},
+            "units": {"*_ms": "milliseconds, median", "*_bytes": "bytes", "*_gflops_per_s": "GFLOP/s (model flops / time)",
+                      "*_spread": "half the interquartile range (relative for step_rel_spread)"},
+            "auto_target": AUTO_TARGET,
         },
         "unavailable": unavailable,
         "records": records,
         "comparisons": rows,
+        "strategies": by_strategy,
         "roofline": roof_rows,
         "issue2": issue2,
     }
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     (out / f"roofline-{device.type}.md").write_text(note, encoding="utf-8")
-    from bench import plot
+    from . import plot
 
-    png_path = plot.plot(records, rows, out / f"{stem}.png")
+    png_path = plot.plot(records, rows, out / f"{stem}.png", by_strategy)
 
     print()
-    print(f"Fused vs unfused on {device.type.upper()} ({dev_name}):")
-    print(table)
+    print(wrap(f"Fused (strategy auto) vs unfused on {device.type.upper()} ({dev_name}):"))
+    print(format_table(rows, unavailable, errors))
+    print()
+    print(wrap(f"Strategies: auto against the fastest strategy, target auto/best <= {AUTO_TARGET:g}:"))
+    print(format_strategy_table(by_strategy))
     print()
     if issue2 is not None:
-        print(f"FusedVeRALinear vs PEFT VeRA, N=4096, n=m=1024, r=256, fp32, CPU ({issue2['device_name']}, "
-              f"fused backend: {issue2['fused_backend']}):")
-        print(f"  bytes saved for backward: {issue2['saved_bytes_fused']:,} vs {issue2['saved_bytes_peft']:,} "
-              f"(ratio {issue2['saved_ratio']:.3f})")
-        print(f"  step time (forward+backward): {issue2['step_ms_fused']:.1f} ms vs {issue2['step_ms_peft']:.1f} ms "
-              f"(ratio {issue2['step_time_ratio']:.2f} ± {issue2['step_time_ratio_spread']:.2f}; "
-              f"ratio of the fastest samples {issue2['step_time_ratio_of_minima']:.2f})")
+        print(wrap(f"FusedVeRALinear vs PEFT VeRA, N=4096, n=m=1024, r=256, fp32, CPU ({issue2['device_name']}):"))
+        print(wrap(f"  bytes saved for backward: {issue2['saved_bytes_fused']:,} vs {issue2['saved_bytes_peft']:,} "
+                   f"(ratio {issue2['saved_ratio']:.3f})", "    "))
+        print(wrap(f"  step time (forward+backward), {issue2['fused_backend']}: {issue2['step_ms_fused']:.1f} ms vs "
+                   f"{issue2['step_ms_peft']:.1f} ms (ratio {issue2['step_time_ratio']:.2f} ± "
+                   f"{issue2['step_time_ratio_spread']:.2f}; ratio of the fastest samples "
+                   f"{issue2['step_time_ratio_of_minima']:.2f})", "    "))
+        others = [f"{name} {v['step_time_ratio']:.2f} ± {v['step_time_ratio_spread']:.2f}"
+                  for name, v in issue2["strategies"].items() if name != "auto"]
+        if others:
+            print(wrap("  step-time ratio of each strategy: " + ", ".join(others), "    "))
     elif device.type == "cpu":
-        print("FusedVeRALinear vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32: not in this run (use the defaults).")
+        print(wrap("FusedVeRALinear vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32: not in this run (use the defaults)."))
     else:
-        print("FusedVeRALinear vs PEFT VeRA CPU figures: run `python -m bench --device cpu`.")
-    print(f"Wrote {json_path}, {png_path} and {out / f'roofline-{device.type}.md'}")
+        print(wrap("FusedVeRALinear vs PEFT VeRA CPU figures: run `python -m bench --device cpu`."))
+    print("Wrote:")
+    for path in (json_path, png_path, out / f"roofline-{device.type}.md"):
+        print(f"  {path}")
     return 1 if errors else 0

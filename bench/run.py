@@ -1,7 +1,8 @@
 """Measuring: every implementation on one shape, interleaved timing, and what a run records.
 
-Each record names its device and backend; GPU-only quantities (peak device memory, CUDA kernel
-launches) are null on the CPU, never estimated.
+Each record names its device and backend, and for a fused adapter the strategy it ran under and
+the path that strategy took (``auto`` picks one per shape); GPU-only quantities (peak device
+memory, CUDA kernel launches) are null on the CPU, never estimated.
 """
 
 import copy
@@ -12,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from bench import cases, measure, roofline
+from . import cases, measure, roofline
 
 
 def progress(total: int, enabled: bool, desc: str):
@@ -57,13 +58,14 @@ def versions() -> dict:
     return out
 
 
-def entries(suite: cases.Suite, available: dict[str, cases.Impl], device: torch.device):
-    """(impl, r, gemm mode) for every available implementation, fused ones once per GEMM mode."""
+def entries(suite: cases.Suite, available: dict[str, cases.Impl], device: torch.device, dtype: torch.dtype):
+    """(impl, r, strategy) for every available implementation, fused ones once per strategy of
+    :func:`bench.cases.strategies` (baselines: strategy None)."""
     out = []
     for impl in available.values():
         for r in suite.ranks[impl.family]:
-            for mode in cases.gemm_modes(device) if impl.fused else (None,):
-                out.append((impl, r, mode))
+            for strategy in cases.strategies(device, dtype) if impl.fused else (None,):
+                out.append((impl, r, strategy))
     return out
 
 
@@ -75,17 +77,17 @@ def measure_group(device, dtype, n, m, N, entries, rounds, min_seconds, bar) -> 
     grad_y = torch.randn(N, m, device=device, dtype=dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     records, fwds, steps = [], {}, {}
-    for key, (impl, r, mode) in enumerate(entries):
-        bar.set_postfix_str(f"N={N} {n}x{m} {impl.label} r={r}" + (f" gemm={mode}" if mode else ""))
+    for key, (impl, r, strategy) in enumerate(entries):
+        bar.set_postfix_str(f"N={N} {n}x{m} {impl.label} r={r}" + (f" {strategy}" if strategy else ""))
         rec = {
             "impl": impl.name, "label": impl.label, "family": impl.family, "fused": impl.fused,
             "device": device.type, "device_name": device_name(device),
-            "backend": cases.backend_label(impl, device, mode), "gemm_mode": mode,
+            "backend": cases.backend_label(impl, device), "strategy": strategy, "path": None, "fwd_path": None,
             "dtype": cases.dtype_name(dtype), "tokens": N, "in_features": n, "out_features": m, "r": r,
             "status": "ok",
         }
         try:
-            with cases.gemm_mode(mode):
+            with cases.strategy(strategy):
                 module = impl.make(copy.deepcopy(base), r)
                 forward, step = measure.step_functions(module, x, grad_y)
                 saved = measure.saved_for_backward(module, x)
@@ -95,16 +97,20 @@ def measure_group(device, dtype, n, m, N, entries, rounds, min_seconds, bar) -> 
                 rec["triton_launches_per_step"] = launches[0] if impl.fused else None
                 rec["cuda_kernels_per_step"] = measure.count_cuda_kernels(step, device)
                 rec["peak_step_bytes"] = measure.peak_step_bytes(step, device)
+            if impl.fused:  # what the strategy ran: auto picks per shape, and apart for inference (no_grad)
+                rec["path"] = cases.path_taken(step, strategy)
+                rec["fwd_path"] = cases.path_taken(forward, strategy)
+                rec["backend"] = cases.backend_label(impl, device, strategy, rec["path"])
             rec["saved_bytes"], rec["saved_bytes_input"], rec["saved_tensors"] = saved.total, saved.input, saved.tensors
             rec["roofline"] = roofline.summary(impl.family, impl.fused, N, n, m, r, elem)
 
-            def in_mode(fn, mode=mode):
+            def under(fn, strategy=strategy):
                 def run():
-                    with cases.gemm_mode(mode):
+                    with cases.strategy(strategy):
                         fn()
                 return run
 
-            fwds[key], steps[key] = in_mode(forward), in_mode(step)
+            fwds[key], steps[key] = under(forward), under(step)
         except Exception as exc:  # noqa: BLE001 - reported in the table and the exit code, never hidden
             rec["status"] = f"error: {type(exc).__name__}: {exc}"
         records.append(rec)

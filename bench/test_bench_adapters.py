@@ -1,9 +1,10 @@
 """pytest-benchmark suite: every adapter and baseline, forward and forward + backward.
 
 Collected only under ``pytest --benchmark-only`` (see bench/conftest.py). Benchmarks are grouped
-per shape and phase, so pytest-benchmark's table puts fused and unfused side by side. Nothing
-here asserts a speed: a slow run is data, not a failure. ``extra_info`` records device and
-backend with every figure: tokens/s, achieved FLOP/s (TFLOP/s on GPU, GFLOP/s on CPU, from the
+per shape and phase, so pytest-benchmark's table puts fused and unfused side by side; each fused
+adapter is timed under ``auto`` and under every strategy the device and dtype allow
+(:func:`bench.cases.strategies`). Nothing here asserts a speed: a slow run is data, not a
+failure. ``extra_info`` records device, backend, strategy and the path it took with every figure: tokens/s, achieved FLOP/s (TFLOP/s on GPU, GFLOP/s on CPU, from the
 roofline model's flops), peak device memory (GPU), bytes saved for backward, launches per step.
 """
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench import cases, measure, roofline
-from bench.run import device_name
+from . import cases, measure, roofline
+from .run import device_name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 25 if DEVICE.type == "cuda" else 10
@@ -30,13 +31,13 @@ class Case:
     out_features: int
     tokens: int
     r: int
-    mode: str | None
+    strategy: str | None  # pefttriton's strategy for a fused adapter, None for a baseline
     phase: str  # "forward" (inference, no_grad) or "step" (forward + backward)
 
     @property
     def id(self) -> str:
-        mode = f"-gemm_{self.mode}" if self.mode else ""
-        return (f"{self.impl}{mode}-{cases.dtype_name(self.dtype)}-{self.in_features}x{self.out_features}"
+        strategy = f"-{self.strategy}" if self.strategy else ""
+        return (f"{self.impl}{strategy}-{cases.dtype_name(self.dtype)}-{self.in_features}x{self.out_features}"
                 f"-N{self.tokens}-r{self.r}-{self.phase}")
 
 
@@ -48,9 +49,9 @@ def _cases() -> list[Case]:
             for N in suite.tokens:
                 for impl in cases.IMPLS.values():
                     for r in suite.ranks[impl.family]:
-                        for mode in cases.gemm_modes(DEVICE) if impl.fused else (None,):
+                        for strategy in cases.strategies(DEVICE, dtype) if impl.fused else (None,):
                             for phase in ("forward", "step"):
-                                out.append(Case(impl.name, dtype, n, m, N, r, mode, phase))
+                                out.append(Case(impl.name, dtype, n, m, N, r, strategy, phase))
     return out
 
 
@@ -88,7 +89,7 @@ def test_adapter(benchmark, case: Case) -> None:
     elem = torch.empty((), dtype=case.dtype).element_size()
     model = roofline.summary(impl.family, impl.fused, N, n, m, r, elem)
 
-    with cases.gemm_mode(case.mode):
+    with cases.strategy(case.strategy):
         module = impl.make(copy.deepcopy(base), r)
         forward, step = measure.step_functions(module, x, grad_y)
         fn = forward if case.phase == "forward" else step
@@ -96,10 +97,13 @@ def test_adapter(benchmark, case: Case) -> None:
         fn()  # warm-up (autotuning) before counting launches
         with measure.count_triton_launches() as launches:
             fn()
+        path = cases.path_taken(fn, case.strategy) if impl.fused else None
         info = {
             "device": DEVICE.type,
             "device_name": device_name(DEVICE),
-            "backend": cases.backend_label(impl, DEVICE, case.mode),
+            "backend": cases.backend_label(impl, DEVICE, case.strategy, path),
+            "strategy": case.strategy,
+            "path": path,  # what the strategy ran (auto: its choice for this shape and phase)
             "dtype": cases.dtype_name(case.dtype), "tokens": N, "in_features": n, "out_features": m, "r": r,
             "phase": case.phase,
             "saved_for_backward_bytes": saved.total,

@@ -6,6 +6,7 @@ multiply-adds each product costs), or from ``torch.utils.flop_counter``, never f
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +14,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pefttriton
-from bench import baselines, cases, cli, measure, roofline  # not installed: pytest.ini puts the repository root on the path
+from bench import baselines, cases, cli, measure, readme, report, roofline  # pytest.ini puts the repository root on the path
 from pefttriton import FusedVeRALinear
 
 ops = importlib.import_module("pefttriton.ops.lowrank_linear")  # the module; the package exports the function
 
 N, IN, OUT = 37, 45, 29  # odd sizes: tokens, in_features, out_features
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _missing(base: nn.Linear, r: int) -> nn.Module:
@@ -29,19 +31,24 @@ def test_main_job_writes_labelled_results(tmp_path, monkeypatch, capsys):
     # An adapter that cannot be imported must be reported, not dropped.
     monkeypatch.setitem(cases.IMPLS, "fused_lorma", cases.Impl("fused_lorma", "lorma", True, "FusedLoRMALinear(plus)", _missing))
     tokens, n, m, r = (32, 80), 48, 40, 8
+    doc = tmp_path / "README.md"
+    doc.write_text("# Title\n\nbefore\n<!-- bench:begin old.json -->\ntyped 1.01 ± 0.02\n<!-- bench:end -->\nafter\n")
     code = cli.main([
         "--device", "cpu", "--tokens", ",".join(map(str, tokens)), "--layers", f"{n}x{m}", "--vera-r", str(r),
-        "--lora-r", "3", "--rounds", "2", "--min-seconds", "0", "--no-progress", "--out", str(tmp_path),
+        "--lora-r", "3", "--rounds", "2", "--min-seconds", "0", "--no-progress", "--out", str(tmp_path / "out"),
         "--impls", "fused_vera,peft_vera,peft_lora,torch_lora,torch_deep_lora,torch_lorma,fused_lorma",
+        "--readme", str(doc),
     ])
     printed = capsys.readouterr().out
     assert code == 0
-    data = json.loads((tmp_path / "bench-cpu.json").read_text())
-    assert set(data) >= {"meta", "unavailable", "records", "comparisons", "roofline", "issue2"}
+    data = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
+    assert set(data) >= {"meta", "unavailable", "records", "comparisons", "strategies", "roofline", "issue2"}
     assert data["meta"]["device"] == "cpu"
     assert data["unavailable"]["fused_lorma"].startswith("not available (ImportError")
     assert "FusedLoRMALinear(plus): not available" in printed
     assert "not a GPU one" in printed
+    # Everything printed (both tables, their notes) fits in 100 columns.
+    assert [line for line in printed.splitlines() if len(line) > report.WIDTH] == []
     records = [rec for rec in data["records"] if rec["status"] == "ok"]
     expected = {"fused_vera", "peft_vera", "peft_lora", "torch_lora", "torch_deep_lora", "torch_lorma"}
     assert {rec["impl"] for rec in records} == expected
@@ -49,8 +56,20 @@ def test_main_job_writes_labelled_results(tmp_path, monkeypatch, capsys):
         assert rec["device"] == "cpu" and rec["backend"] and rec["peak_step_bytes"] is None
         assert rec["cuda_kernels_per_step"] is None
         assert rec["step_ms"] > 0 and rec["fwd_ms"] > 0 and rec["step_tokens_per_s"] > 0
-    assert any(rec["backend"] == "torch (pefttriton CPU path)" for rec in records if rec["fused"])
-    rows = [row for row in data["comparisons"] if row["fused"] == "FusedVeRALinear"]
+    # The fused adapter once per strategy: auto and each path the CPU allows for fp32 (lean, weight);
+    # a named strategy runs as named, auto says which path it took; baselines have no strategy.
+    fused = [rec for rec in records if rec["fused"]]
+    assert sorted((rec["tokens"], rec["strategy"]) for rec in fused) == sorted(
+        (t, s) for t in tokens for s in ("auto", "lean", "weight"))
+    for rec in fused:
+        assert rec["path"] in ("lean", "weight") and rec["fwd_path"] in ("lean", "weight")
+        if rec["strategy"] != "auto":
+            assert rec["path"] == rec["strategy"]
+            assert rec["backend"] == f"pefttriton {rec['strategy']} (torch)"
+        else:
+            assert rec["backend"] == f"pefttriton auto->{rec['path']} (torch)"
+    assert all(rec["strategy"] is None and rec["path"] is None for rec in records if not rec["fused"])
+    rows = [row for row in data["comparisons"] if row["fused"] == "FusedVeRALinear" and row["strategy"] == "auto"]
     assert sorted(row["tokens"] for row in rows) == list(tokens)
     for row in rows:
         # Fused VeRA keeps x A^T (N, r) fp32; PEFT keeps lambda_d's input (N, r) and the (N, m) up-projection.
@@ -58,11 +77,55 @@ def test_main_job_writes_labelled_results(tmp_path, monkeypatch, capsys):
         assert row["saved_bytes_unfused"] == row["tokens"] * (r + m) * 4
         assert row["saved_bytes_fused"] < row["saved_bytes_unfused"]
         assert row["saved_ratio"] == pytest.approx(r / (r + m))
-    assert "FusedVeRALinear" in printed and "PEFT VeRA" in printed
-    png = (tmp_path / "bench-cpu.png").read_bytes()
+    # Per shape: every strategy's time, the best named one, auto over it.
+    by_strategy = data["strategies"]
+    assert sorted(row["tokens"] for row in by_strategy) == list(tokens)
+    for row in by_strategy:
+        assert set(row["step_ms"]) == {"auto", "lean", "weight"}
+        assert row["step_ms"][row["best"]] == min(row["step_ms"]["lean"], row["step_ms"]["weight"])
+        assert row["auto_over_best"] == pytest.approx(row["step_ms"]["auto"] / row["step_ms"][row["best"]])
+        assert row["auto_over_best_spread"] >= 0 and row["within_target"] == (row["auto_over_best"] <= 1.05)
+    assert "FusedVeRALinear" in printed and "auto->" in printed and "auto/best" in printed
+    png = (tmp_path / "out" / "bench-cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    note = (tmp_path / "roofline-cpu.md").read_text()
+    note = (tmp_path / "out" / "roofline-cpu.md").read_text()
     assert "| vera | cpu | fp32 | 32 | 48x40 | 8 |" in note
+    # --readme rendered the block from the JSON it wrote, and touched nothing else.
+    text = doc.read_text()
+    block, source = readme.find(text)
+    assert source == "out/bench-cpu.json"
+    assert block == readme.render(data, source) and "typed" not in text
+    assert text.startswith("# Title\n\nbefore\n<!-- bench:begin out/bench-cpu.json -->\n")
+    assert text.endswith("<!-- bench:end -->\nafter\n")
+    assert "| FusedVeRALinear | 8 | PEFT VeRA |" in block and "| auto | lean | weight |" in block
+    assert readme.main([str(doc), "--check"]) == 0
+
+
+def test_readme_benchmark_figures_are_rendered_from_the_committed_results():
+    """The README's benchmark block is the rendering of the results JSON it names (committed), so
+    its figures cannot be typed by hand: rerun ``python -m bench --no-progress --out results/cpu
+    --readme README.md`` (or ``python -m bench.readme README.md`` after editing the renderer)."""
+    block, source = readme.find((ROOT / "README.md").read_text(encoding="utf-8"))
+    path = ROOT / source
+    assert path.is_file(), f"the README's benchmark block names {source}, which is not in the repository"
+    assert block == readme.render(json.loads(path.read_text(encoding="utf-8")), source)
+
+
+def test_readme_block_must_be_there_once():
+    with pytest.raises(ValueError, match="found 0"):
+        readme.find("no block")
+
+
+def test_strategies_are_auto_and_the_backends_candidates():
+    cpu = torch.device("cpu")
+    assert cases.strategies(cpu, torch.float32) == ("auto", "lean", "weight")
+    assert cases.strategies(cpu, torch.bfloat16) == ("auto", "lean")
+    assert cases.strategy_label("auto", "weight") == "auto->weight" and cases.strategy_label("lean", "lean") == "lean"
+    layer = FusedVeRALinear(nn.Linear(IN, OUT), 4)
+    x = torch.randn(N, IN, requires_grad=True)
+    for name in ("lean", "weight"):
+        assert cases.path_taken(lambda: layer(x).sum().backward(), name) == name
+    assert cases.path_taken(lambda: None, "auto") is None  # no fused call: no path, not an earlier one's
 
 
 def test_issue2_shape_is_in_the_default_cpu_run():
