@@ -19,13 +19,14 @@ Installed, the same job is ``python -m pefttriton.bench``. This module is the co
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from . import cases, readme, report, run
+from . import cases, readme, report, run, vera_bank
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timing rounds per implementation (default 11 on CPU, 10 on GPU)")
     p.add_argument("--min-seconds", type=float, help="minimum length of one timing sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--vera-bank", action="store_true",
+                   help="also time a batch mixing 64 VeRA adapters against one adapter and PEFT (bench/vera_bank.py)")
     p.add_argument("--readme", metavar="README.md",
                    help="then render the block between the benchmark markers of this file from the JSON written")
     return p.parse_args(argv)
@@ -120,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     code = report.write(out, device, dev_name, kind, list(sys.argv[1:] if argv is None else argv), run_meta, suite,
                         unavailable, records)
+    if args.vera_bank:
+        (n, m), N, r = suite.layers[0], max(suite.tokens), suite.ranks["vera"][0]
+        record = vera_bank.measure_vera_bank(device, suite.dtypes[0], N, n, m, r, rounds=rounds,
+                                             min_seconds=max(min_seconds, 0.05))
+        print(vera_bank.format_record(record))
+        (out / f"vera-bank-{device.type}.json").write_text(json.dumps(record, indent=1))
     if args.readme:
         readme.update(Path(args.readme), out / f"bench-{device.type}.json")
         print(f"Rendered the benchmark block of:\n  {args.readme}")

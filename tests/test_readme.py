@@ -65,3 +65,19 @@ def test_readme_new_adapter_example_runs(tmp_path):
         torch.testing.assert_close(pefttriton.merge_and_unload(model)(x), expected)
     finally:
         unregister_adapter("scaled_lora")
+
+
+def test_readme_strategies_example_runs(capsys):
+    """The "Backends and strategies" block: auto picks a path, a forced one runs, the measured
+    autotune records its choice."""
+    import pefttriton
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "set_strategy_autotune(True)" in b)
+    try:
+        exec(compile(code, str(README), "exec"), {})
+    finally:
+        pefttriton.set_strategy_autotune(False)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] in ("lean", "weight")  # the PyTorch strategies on the CPU
+    assert printed[1].startswith("{") and "factors" in printed[1]
