@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from pefttriton.accelerate import accelerate
+    from pefttriton.acceleration import accelerate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     train_rows, test_rows = lexicon()

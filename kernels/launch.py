@@ -8,6 +8,8 @@
 * :func:`on_device`: the launch runs on the tensor's CUDA device (``cuda:1`` etc.), not the current one.
 * :func:`contiguous_vector`: kernels read (n,) vectors as ``ptr + offs``.
 * :func:`grouped_program_ids`: the Triton tutorial's grouped ordering of output tiles.
+* GEMM autotuning: :func:`gemm_config` (one tile config), :func:`gemm_family` (which list of configs
+  serves a dtype and precision) and :func:`m_bucket` (the token count as an autotune key).
 """
 
 import contextlib
@@ -63,3 +65,25 @@ def grouped_program_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    """One GEMM tile config: BLOCK_M x BLOCK_N x BLOCK_K, ``warps`` warps, ``stages`` pipeline stages."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def gemm_family(dtype: torch.dtype, precision: str) -> str:
+    """Which family of GEMM configs serves inputs of ``dtype`` at ``precision``: "16-bit", "tf32" or "fp32"."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16-bit"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key of a token count: the power of two at or above it (at least 16), so a new
+    token count in the same bucket reuses the tuned config."""
+    return max(16, triton.next_power_of_2(M))

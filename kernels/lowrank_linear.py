@@ -22,25 +22,18 @@ contiguous); validation and autograd live in ``pefttriton.ops``.
 import torch
 import triton
 import triton.language as tl
-
 from pefttriton.kernels.launch import (
     INTERPRET,
     acc_dtype,
     contiguous_vector,
     dot_in_fp32,
+    gemm_config,
+    gemm_family,
     grouped_program_ids,
     input_precision,
+    m_bucket,
     on_device,
 )
-
-
-def _config(block_m, block_n, block_k, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-        num_warps=warps,
-        num_stages=stages,
-    )
-
 
 # Autotune configs per dot family, chosen so that every one compiles without spills for sm_80 and
 # sm_90 at every call site, with triton 3.6 (the oldest supported) and 3.9 (``python -m
@@ -50,30 +43,30 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
 # fp32 IEEE dots run on FMA units and hold far more registers per tile, so their tiles are small.
 GEMM_CONFIGS = {
     "16-bit": [
-        _config(128, 128, 64, 8, 3),
-        _config(128, 128, 32, 8, 2),  # 3 or 4 stages spill 8 bytes (split grad_x, sm_80) with triton 3.6 or 3.9
-        _config(128, 64, 32, 4, 4),
-        _config(64, 128, 32, 4, 4),
-        _config(64, 64, 32, 4, 4),
-        _config(128, 32, 32, 4, 4),
-        _config(64, 32, 64, 4, 4),
-        _config(64, 16, 64, 4, 3),
+        gemm_config(128, 128, 64, 8, 3),
+        gemm_config(128, 128, 32, 8, 2),  # 3 or 4 stages spill 8 bytes (split grad_x, sm_80) with triton 3.6 or 3.9
+        gemm_config(128, 64, 32, 4, 4),
+        gemm_config(64, 128, 32, 4, 4),
+        gemm_config(64, 64, 32, 4, 4),
+        gemm_config(128, 32, 32, 4, 4),
+        gemm_config(64, 32, 64, 4, 4),
+        gemm_config(64, 16, 64, 4, 3),
     ],
     "fp32": [
-        _config(128, 128, 16, 8, 3),
-        _config(64, 64, 16, 4, 3),
-        _config(32, 64, 32, 4, 3),
-        _config(64, 32, 16, 4, 2),  # 3 stages spill 8 bytes on sm_90 with triton 3.6
+        gemm_config(128, 128, 16, 8, 3),
+        gemm_config(64, 64, 16, 4, 3),
+        gemm_config(32, 64, 32, 4, 3),
+        gemm_config(64, 32, 16, 4, 2),  # 3 stages spill 8 bytes on sm_90 with triton 3.6
     ],
     "tf32": [
-        _config(128, 128, 32, 8, 3),
-        _config(64, 128, 32, 4, 3),
-        _config(64, 64, 32, 4, 3),
-        _config(128, 32, 32, 4, 3),
-        _config(64, 16, 32, 4, 3),
+        gemm_config(128, 128, 32, 8, 3),
+        gemm_config(64, 128, 32, 4, 3),
+        gemm_config(64, 64, 32, 4, 3),
+        gemm_config(128, 32, 32, 4, 3),
+        gemm_config(64, 16, 32, 4, 3),
     ],
 }
-INTERPRET_GEMM_CONFIGS = [_config(32, 32, 32, 4, 1)]
+INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 
 # The low-rank backward kernel: BLOCK_M and BLOCK_R are picked from the rank by the launcher
 # (they size the partial-sum buffers), only the sweep over the output columns is tuned. With
@@ -85,12 +78,6 @@ GRAD_CONFIGS = [
 ]
 INTERPRET_GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
-
-def gemm_family(dtype: torch.dtype, input_precision: str) -> str:
-    """Which list of ``GEMM_CONFIGS`` serves inputs of ``dtype`` at ``input_precision``."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "16-bit"
-    return "tf32" if input_precision == "tf32" else "fp32"
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -207,10 +194,6 @@ def _gemm_autotuner(restore: bool):
 _fused_gemm_kernel = _gemm_autotuner(restore=False)(_fused_gemm)
 _fused_gemm_accumulate_kernel = _gemm_autotuner(restore=True)(_fused_gemm)
 
-
-def m_bucket(M: int) -> int:
-    """The autotune key of a token count: the power of two at or above it (at least 16)."""
-    return max(16, triton.next_power_of_2(M))
 
 
 @triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M_BUCKET", "N", "R"])

@@ -23,24 +23,17 @@ Kernel-local names use GEMM letters: M rows (tokens), N output columns, K reduct
 import torch
 import triton
 import triton.language as tl
-
 from pefttriton.kernels.launch import (
     INTERPRET,
     contiguous_vector,
     dot_in_fp32,
+    gemm_config,
+    gemm_family,
     grouped_program_ids,
     input_precision,
+    m_bucket,
     on_device,
 )
-
-
-def _config(block_m, block_n, block_k, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-        num_warps=warps,
-        num_stages=stages,
-    )
-
 
 # Modest tiles: the gathered ``b`` tile is live beside the accumulator between the two K loops,
 # so every config keeps the accumulator at <= 64 fp32 registers per thread (128x128 with 8 warps).
@@ -49,31 +42,25 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
 # and 72 KiB of shared memory, tensor cores used for 16-bit and TF32.
 GEMM_CONFIGS = {
     "16-bit": [
-        _config(128, 128, 32, 8, 3),
-        _config(128, 64, 32, 4, 3),
-        _config(64, 128, 32, 4, 3),
-        _config(64, 64, 32, 4, 4),
-        _config(64, 32, 64, 4, 3),
+        gemm_config(128, 128, 32, 8, 3),
+        gemm_config(128, 64, 32, 4, 3),
+        gemm_config(64, 128, 32, 4, 3),
+        gemm_config(64, 64, 32, 4, 4),
+        gemm_config(64, 32, 64, 4, 3),
     ],
     "fp32": [
-        _config(64, 64, 16, 4, 2),
-        _config(32, 64, 32, 4, 2),
-        _config(64, 32, 16, 4, 2),
+        gemm_config(64, 64, 16, 4, 2),
+        gemm_config(32, 64, 32, 4, 2),
+        gemm_config(64, 32, 16, 4, 2),
     ],
     "tf32": [
-        _config(128, 64, 32, 8, 3),
-        _config(64, 64, 32, 4, 3),
-        _config(64, 32, 32, 4, 3),
+        gemm_config(128, 64, 32, 8, 3),
+        gemm_config(64, 64, 32, 4, 3),
+        gemm_config(64, 32, 32, 4, 3),
     ],
 }
-INTERPRET_GEMM_CONFIGS = [_config(32, 32, 32, 4, 1)]
+INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 
-
-def gemm_family(dtype: torch.dtype, precision: str) -> str:
-    """Which list of :data:`GEMM_CONFIGS` serves inputs of ``dtype`` at ``precision``."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "16-bit"
-    return "tf32" if precision == "tf32" else "fp32"
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -82,10 +69,6 @@ def _prune_configs(configs, named_args, **kwargs):
     family = GEMM_CONFIGS[gemm_family(named_args["lb_ptr"].dtype, kwargs["INPUT_PRECISION"])]
     return [config for config in configs if any(config is mine for mine in family)]
 
-
-def m_bucket(M: int) -> int:
-    """The autotune key of a token count: the power of two at or above it (at least 16)."""
-    return max(16, triton.next_power_of_2(M))
 
 
 @triton.autotune(

@@ -1,6 +1,6 @@
 """pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
 
-from pefttriton.accelerate import AccelerationReport, accelerate, acceleration_report
+from pefttriton.acceleration import AccelerationReport, accelerate, acceleration_report
 from pefttriton.adapter_layer import AdapterLayer
 from pefttriton.backend import (
     get_backend,

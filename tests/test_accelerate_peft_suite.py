@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pefttriton.accelerate import accelerate
+from pefttriton.acceleration import accelerate
 
-ACC = sys.modules["pefttriton.accelerate"]
+ACC = sys.modules["pefttriton.acceleration"]
 
 
 @pytest.fixture(autouse=True, scope="module")

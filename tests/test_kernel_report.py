@@ -75,7 +75,7 @@ def test_report_detects_spills(tmp_path):
     code = (
         "from pefttriton import kernel_report as kr\n"
         "from pefttriton.kernels import lowrank_linear as lk\n"
-        "lk.GEMM_CONFIGS['fp32'] = [lk._config(256, 256, 32, 4, 2)]\n"
+        "lk.GEMM_CONFIGS['fp32'] = [lk.gemm_config(256, 256, 32, 4, 2)]\n"
         "r = kr.compile_one(kr.variants()[0], 0, 'fp32', 80)\n"
         "print(r.stack_bytes, r.ok)\n"
     )

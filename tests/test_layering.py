@@ -24,7 +24,7 @@ LAYERS = {
     ),
     "integration": (
         "pefttriton.surgery", "pefttriton.injection", "pefttriton.save", "pefttriton.peft_interop",
-        "pefttriton.distributed", "pefttriton.accelerate", "pefttriton.vera_bank",
+        "pefttriton.distributed", "pefttriton.acceleration", "pefttriton.vera_bank",
     ),
     "tools": ("pefttriton", "pefttriton.analysis", "pefttriton.kernel_report"),
 }
