@@ -22,6 +22,7 @@ contiguous); validation and autograd live in ``pefttriton.ops``.
 import torch
 import triton
 import triton.language as tl
+
 from pefttriton.kernels.launch import (
     INTERPRET,
     acc_dtype,
@@ -34,6 +35,7 @@ from pefttriton.kernels.launch import (
     m_bucket,
     on_device,
 )
+
 
 # Autotune configs per dot family, chosen so that every one compiles without spills for sm_80 and
 # sm_90 at every call site, with triton 3.6 (the oldest supported) and 3.9 (``python -m

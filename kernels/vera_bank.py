@@ -23,6 +23,7 @@ Kernel-local names use GEMM letters: M rows (tokens), N output columns, K reduct
 import torch
 import triton
 import triton.language as tl
+
 from pefttriton.kernels.launch import (
     INTERPRET,
     contiguous_vector,
@@ -34,6 +35,7 @@ from pefttriton.kernels.launch import (
     m_bucket,
     on_device,
 )
+
 
 # Modest tiles: the gathered ``b`` tile is live beside the accumulator between the two K loops,
 # so every config keeps the accumulator at <= 64 fp32 registers per thread (128x128 with 8 warps).
