@@ -9,7 +9,8 @@
 * :func:`contiguous_vector`: kernels read (n,) vectors as ``ptr + offs``.
 * :func:`grouped_program_ids`: the Triton tutorial's grouped ordering of output tiles.
 * GEMM autotuning: :func:`gemm_config` (one tile config), :func:`gemm_family` (which list of configs
-  serves a dtype and precision) and :func:`m_bucket` (the token count as an autotune key).
+  serves a dtype and precision, :func:`family_pruner` keeping only those) and :func:`m_bucket` (the
+  token count as an autotune key).
 """
 
 import contextlib
@@ -87,3 +88,16 @@ def m_bucket(M: int) -> int:
     """The autotune key of a token count: the power of two at or above it (at least 16), so a new
     token count in the same bucket reuses the tuned config."""
     return max(16, triton.next_power_of_2(M))
+
+
+def family_pruner(configs: dict, pointer: str):
+    """An ``early_config_prune`` that keeps the configs of ``configs[family]`` for the dtype of the
+    kernel argument ``pointer`` and the launch's INPUT_PRECISION (the interpreter keeps its one)."""
+
+    def prune(candidates, named_args, **kwargs):
+        if INTERPRET:
+            return candidates
+        family = configs[gemm_family(named_args[pointer].dtype, kwargs["INPUT_PRECISION"])]
+        return [config for config in candidates if any(config is mine for mine in family)]
+
+    return prune

@@ -28,8 +28,8 @@ from pefttriton.kernels.launch import (
     acc_dtype,
     contiguous_vector,
     dot_in_fp32,
+    family_pruner,
     gemm_config,
-    gemm_family,
     grouped_program_ids,
     input_precision,
     m_bucket,
@@ -82,12 +82,8 @@ INTERPRET_GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages
 
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    dtype = named_args["w_ptr"].dtype  # the launcher passes B here when there is no main segment
-    family = GEMM_CONFIGS[gemm_family(dtype, kwargs["INPUT_PRECISION"])]
-    return [config for config in configs if any(config is mine for mine in family)]
+# The launcher passes B as w_ptr when there is no main segment, so w_ptr always has the input dtype.
+_prune_gemm_configs = family_pruner(GEMM_CONFIGS, "w_ptr")
 
 
 def grad_blocks(rank: int) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from pefttriton.kernels.launch import (
     INTERPRET,
     contiguous_vector,
     dot_in_fp32,
+    family_pruner,
     gemm_config,
     gemm_family,
     grouped_program_ids,
@@ -65,11 +66,7 @@ INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    family = GEMM_CONFIGS[gemm_family(named_args["lb_ptr"].dtype, kwargs["INPUT_PRECISION"])]
-    return [config for config in configs if any(config is mine for mine in family)]
+_prune_configs = family_pruner(GEMM_CONFIGS, "lb_ptr")
 
 
 

@@ -26,6 +26,7 @@ run (``python -m bench.gpu_check``) exists; until then prefer the measured autot
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -182,8 +183,10 @@ def strategy_cache() -> dict[tuple, str]:
 
 
 def clear_strategy_cache() -> None:
+    """Forget the measured choices and the cost model's cached ones."""
     with _lock:
         _cache.clear()
+    _cheapest.cache_clear()
 
 
 def token_bucket(tokens: int) -> int:
@@ -250,4 +253,14 @@ def choose(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int,
         with _lock:
             _cache[key] = best
         return best
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return _cheapest(device.type, dtype, tuple(shape), trains, allowed, tf32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest(device_type: str, dtype: torch.dtype, shape: tuple, trains: str, allowed: tuple, tf32: bool) -> str:
+    """The path of ``allowed`` the cost model rates cheapest: a pure function of its arguments
+    (``tf32`` is the TF32 flag :func:`estimate` reads), so every call of a shape after the first
+    reads it from this cache instead of modelling every path again."""
+    device = torch.device(device_type)
     return min(allowed, key=lambda path: estimate(path, device, dtype, shape, trains))

@@ -83,6 +83,22 @@ class VeRAProjections(nn.Module):
         return f"r={self.r}, max_in_features={self.max_in_features}, max_out_features={self.max_out_features}, seed={self.seed}"
 
 
+def layer_projections(base_layer: nn.Linear, r: int, projection_seed: int,
+                      projections: VeRAProjections | None) -> VeRAProjections:
+    """The shared projections a VeRA layer over ``base_layer`` uses: ``projections`` when given
+    (checked to be :class:`VeRAProjections` large enough for the layer), else a pair of its own
+    drawn from ``projection_seed`` in the base weight's dtype and device."""
+    weight = base_layer.weight
+    if projections is None:
+        projections = VeRAProjections(
+            r, base_layer.in_features, base_layer.out_features, projection_seed, weight.dtype, weight.device
+        )
+    elif not isinstance(projections, VeRAProjections):
+        raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
+    projections.slices(r, base_layer.in_features, base_layer.out_features)  # raises if too small
+    return projections
+
+
 class FusedVeRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a VeRA adapter, computed by the fused engine.
 
@@ -118,13 +134,7 @@ class FusedVeRALinear(AdapterLayer):
         super().__init__(base_layer, r, fan_in_fan_out=fan_in_fan_out)
         self.d_initial = check_finite("d_initial", d_initial)
         weight = base_layer.weight
-        if projections is None:
-            projections = VeRAProjections(
-                r, base_layer.in_features, base_layer.out_features, projection_seed, weight.dtype, weight.device
-            )
-        elif not isinstance(projections, VeRAProjections):
-            raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
-        projections.slices(r, base_layer.in_features, base_layer.out_features)  # raises if too small
+        projections = layer_projections(base_layer, r, projection_seed, projections)
         if projections.vera_A.dtype != weight.dtype or projections.vera_A.device != weight.device:
             raise ValueError(
                 f"projections are {projections.vera_A.dtype} on {projections.vera_A.device} but the base layer is "

@@ -42,7 +42,7 @@ from pefttriton.ops.vera_bank import (
 from pefttriton.peft_interop import read_peft_checkpoint
 from pefttriton.save import read_adapter
 from pefttriton.surgery import as_linear, find_targets, matches, replace_module
-from pefttriton.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.vera import FusedVeRALinear, VeRAProjections, layer_projections
 
 # Ids set by :func:`adapter_ids` for the banks of a model: {id(bank): (ids, (smallest, largest) id)}.
 _ACTIVE_IDS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
@@ -83,13 +83,7 @@ class VeRABank(nn.Module):
         check_base_and_rank(base_layer, r)
         base_layer.requires_grad_(False)
         weight = base_layer.weight
-        if projections is None:
-            projections = VeRAProjections(
-                r, base_layer.in_features, base_layer.out_features, projection_seed, weight.dtype, weight.device
-            )
-        elif not isinstance(projections, VeRAProjections):
-            raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
-        projections.slices(r, base_layer.in_features, base_layer.out_features)  # raises if too small
+        projections = layer_projections(base_layer, r, projection_seed, projections)
         self.base_layer = base_layer
         self.projections = projections
         self.r = r

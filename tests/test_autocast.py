@@ -17,7 +17,7 @@ from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 
 import pefttriton
-from pefttriton import LoRAConfig, LoRMAConfig, VeRAConfig, inject, lorma_pi_linear, lowrank_linear
+from pefttriton import LoRAConfig, VeRAConfig, inject, lorma_pi_linear, lowrank_linear
 from pefttriton.ops.naive import lorma_pi_linear_reference, lowrank_linear_reference
 
 BF16 = torch.bfloat16

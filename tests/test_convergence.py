@@ -14,7 +14,6 @@ it is held to the same bound for the first 4 steps only; its per-kernel agreemen
 reference is covered in tests/test_lowrank_linear.py.
 """
 
-import copy
 import warnings
 
 import pytest
