@@ -1,9 +1,12 @@
 """Install pefttriton.
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
-installed as ``pefttriton.kernels``: a top-level module named ``kernels`` belongs to
-another PyPI package (which transformers imports), so it must never be shadowed. The benchmarks
-in ``bench/`` install the same way, as ``pefttriton.bench``: ``python -m pefttriton.bench`` runs
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and are installed
+as ``pefttriton.kernels`` through the link ``pefttriton/kernels -> ../kernels`` (so normal and
+editable installs find them like any subpackage). A top-level module named ``kernels`` belongs to
+another PyPI package (Hugging Face's kernel hub, which transformers >= 5.25 imports), so the folder
+has no ``__init__.py``: without one it can never win over that package, not even from the
+repository root, where ``python -m`` puts the folder's parent first on ``sys.path``. The benchmarks
+in ``bench/`` are installed as ``pefttriton.bench`` (a ``package_dir`` entry): ``python -m pefttriton.bench`` runs
 the main job from any directory (``python -m bench`` from the repository root).
 """
 
@@ -24,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels", "pefttriton.bench"],
-    package_dir={"pefttriton.kernels": "kernels", "pefttriton.bench": "bench"},
+    package_dir={"pefttriton.bench": "bench"},
     install_requires=[
         # torch>=2.4 for torch.library.custom_op; on CPU machines install the CPU wheel first.
         "torch>=2.4",

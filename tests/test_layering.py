@@ -33,7 +33,8 @@ KERNEL_THIRD_PARTY = {"triton", "torch"}
 
 
 def package_modules() -> dict[str, Path]:
-    """Module name -> file, for ``pefttriton/`` and ``kernels/`` (installed as ``pefttriton.kernels``)."""
+    """Module name -> file, for ``pefttriton/`` and ``kernels/`` (``pefttriton.kernels``, a namespace
+    package without ``__init__``; ``rglob`` does not follow the link ``pefttriton/kernels``)."""
     modules = {}
     for folder, package in ((ROOT / "pefttriton", "pefttriton"), (ROOT / "kernels", "pefttriton.kernels")):
         for path in sorted(folder.rglob("*.py")):
@@ -127,7 +128,7 @@ def violations(module: str, imports: list[tuple[int, str]]) -> list[str]:
 
 
 def test_every_module_has_a_layer():
-    assert {"pefttriton", "pefttriton.kernels", "pefttriton.ops", "pefttriton.adapter_layer"} <= set(MODULES)
+    assert {"pefttriton", "pefttriton.kernels.launch", "pefttriton.ops", "pefttriton.adapter_layer"} <= set(MODULES)
     unplaced = sorted(name for name in MODULES if layer_of(name) is None)
     assert not unplaced, f"modules in no layer of tests/test_layering.py: {unplaced}"
 
