@@ -3,7 +3,7 @@
 The fused implementations are the adapters of pefttriton's registry; an implementation that fails
 to build is reported as "not available" with the reason, never silently left out. Each fused
 adapter is timed under every strategy of :func:`strategies`: ``auto`` and each path the backend
-allows for the device and dtype (:func:`pefttriton.backend.candidates`).
+allows for the device and dtype (:func:`pefttriton.ops.backend.candidates`).
 """
 
 import contextlib
@@ -37,7 +37,7 @@ def _fused(adapter: str) -> Callable[[nn.Linear, int], nn.Module]:
     """A factory for the registered adapter ``adapter``, built with its defaults."""
 
     def make(base: nn.Linear, r: int) -> nn.Module:
-        from pefttriton.registry import get_adapter
+        from pefttriton.adapters.registry import get_adapter
 
         layer = get_adapter(adapter).layer_class(base, r)
         with torch.no_grad():  # zero-initialised factors (LoRA's B): non-zero like a trained layer, same work
@@ -51,7 +51,7 @@ def _fused(adapter: str) -> Callable[[nn.Linear, int], nn.Module]:
 
 def _fused_impls() -> tuple[Impl, ...]:
     """One fused implementation per adapter of pefttriton's registry, in registration order."""
-    from pefttriton.registry import adapters
+    from pefttriton.adapters.registry import adapters
 
     return tuple(
         Impl(f"fused_{name}", name, True, entry.layer_class.__name__, _fused(name)) for name, entry in adapters().items()
@@ -139,7 +139,7 @@ def suite(device: torch.device, kind: str) -> Suite:
 def strategies(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """The strategies a fused adapter is timed under: ``auto``, then every path the backend in force
     allows for ``device`` and ``dtype`` (CPU fp32: lean, weight; CUDA bf16: fused, split, lean)."""
-    from pefttriton.backend import candidates
+    from pefttriton.ops.backend import candidates
 
     return ("auto", *candidates(device, dtype))
 
@@ -162,7 +162,7 @@ def path_taken(fn: Callable[[], None], name: str | None) -> str | None:
     Runs in a copy of the current context, so that a path left by an earlier call cannot be read
     as this one's and nothing leaks out.
     """
-    from pefttriton.backend import last_path, record_path
+    from pefttriton.ops.backend import last_path, record_path
 
     def run() -> str | None:
         record_path(None)
@@ -185,7 +185,7 @@ def backend_label(impl: Impl, device: torch.device, strategy: str | None = None,
     PyTorch), or the eager baseline."""
     if not impl.fused:
         return "peft (torch eager)" if impl.name.startswith("peft") else "torch eager"
-    from pefttriton.backend import interpreting, uses_triton
+    from pefttriton.ops.backend import interpreting, uses_triton
 
     if path is None:
         runtime = "?"

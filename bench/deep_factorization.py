@@ -8,10 +8,10 @@ three initialisations:
 * **full width**: every factor ``eps`` times an orthogonal matrix, width ``d = max(m, n)``; the
   paper's eq. (1)-(3).
 * **compressed**: the rank-r compression of that full-width run (section 2.3, eq. (9)), built by
-  :func:`pefttriton.deep_lora.compression_bases` from the gradient at initialisation and the
+  :func:`pefttriton.adapters.deep_lora.compression_bases` from the gradient at initialisation and the
   full-width product's direction ``E``: fixed outer bases ``U`` (m, r), ``V`` (n, r) around
   ``L`` inner (r, r) factors started at ``eps * I``; or the three-factor form of
-  :class:`pefttriton.deep_lora.FusedDeepLoRALinear` (``W1 = eps V^T, W2 = eps I, W3 = eps U``,
+  :class:`pefttriton.adapters.deep_lora.FusedDeepLoRALinear` (``W1 = eps V^T, W2 = eps I, W3 = eps U``,
   outer factors trainable).
 * **random narrow**: width ``r`` factors, each ``eps`` times an independent orthogonal matrix
   (appendix D, "Random").
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from pefttriton.deep_lora import compression_bases, random_partial_isometry
+from pefttriton.adapters.deep_lora import compression_bases, random_partial_isometry
 
 DTYPE = torch.float64
 

@@ -6,7 +6,7 @@
 Inference (``torch.no_grad``) on one layer, every implementation on the same tokens, timed
 round-robin (:func:`bench.measure.time_interleaved`) so that drift of the machine hits all alike:
 
-* ``bank_mixed``: a :class:`~pefttriton.vera_bank.VeRABank` with K adapters, rows shuffled over all
+* ``bank_mixed``: a :class:`~pefttriton.integration.vera_bank.VeRABank` with K adapters, rows shuffled over all
   of them (N / K rows each);
 * ``bank_single``: the same bank and tokens, every row on adapter 0;
 * ``fused_single``: one adapter in :class:`~pefttriton.FusedVeRALinear` (the single-adapter layer),
@@ -66,7 +66,7 @@ def _names(K: int) -> list[str]:
 
 
 def make_bank(base: nn.Linear, r: int, K: int, seed: int = 0):
-    from pefttriton.vera_bank import VeRABank
+    from pefttriton.integration.vera_bank import VeRABank
 
     gen = torch.Generator().manual_seed(seed)
     bank = VeRABank(base, r, projection_seed=seed)

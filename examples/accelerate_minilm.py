@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from pefttriton.acceleration import accelerate
+    from pefttriton.integration.acceleration import accelerate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     train_rows, test_rows = lexicon()

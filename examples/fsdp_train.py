@@ -12,7 +12,7 @@ the data a fixed random batch of token ids; each rank trains on its share of the
 3. ``fully_shard`` on each decoder layer, then on the root (optionally with a bf16
    ``MixedPrecisionPolicy``: compute in bf16, gradients reduced in fp32 into the fp32 shards);
 4. train with AdamW over the adapter parameters (each rank updates its shards);
-5. ``pefttriton.distributed.save_sharded_adapter``: each rank writes its shards of the adapter, not
+5. ``pefttriton.integration.distributed.save_sharded_adapter``: each rank writes its shards of the adapter, not
    the frozen model. ``load_sharded_adapter`` loads it into a sharded or unsharded model built the
    same way, and ``consolidate_sharded_adapter`` makes one safetensors file for ``load_adapter``.
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import pefttriton
-from pefttriton.distributed import save_sharded_adapter
+from pefttriton.integration.distributed import save_sharded_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 64

@@ -2,9 +2,10 @@
 
 * :data:`INTERPRET`: whether the kernels run in Triton's CPU interpreter. Triton reads
   ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so this flag, read at the same
-  moment, is the one source of truth (``pefttriton.backend`` asks it too).
+  moment, is the one source of truth (``pefttriton.ops.backend`` asks it too).
 * The precision policy: :func:`acc_dtype`, :func:`input_precision` (IEEE fp32 dots unless PyTorch's
-  own fp32 matmuls may use TF32) and :func:`dot_in_fp32` (the interpreter's bf16 dot is broken).
+  own fp32 matmuls may use TF32: :func:`tf32_allowed`, :func:`allow_tf32`) and :func:`dot_in_fp32`
+  (the interpreter's bf16 dot is broken).
 * :func:`on_device`: the launch runs on the tensor's CUDA device (``cuda:1`` etc.), not the current one.
 * :func:`contiguous_vector`: kernels read (n,) vectors as ``ptr + offs``.
 * :func:`grouped_program_ids`: the Triton tutorial's grouped ordering of output tiles.
@@ -28,13 +29,48 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch's own fp32 CUDA matmuls may use TF32, read through whichever API is in use.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none" when
+    neither it nor ``torch.backends.fp32_precision`` was set); once the new API set "tf32", reading
+    the legacy ``allow_tf32`` raises ``RuntimeError``, so it is read only on older torch. Both
+    APIs and ``torch.set_float32_matmul_precision`` are reflected in the new attribute.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+@contextlib.contextmanager
+def allow_tf32(on: bool):
+    """PyTorch's fp32 CUDA matmuls (and so the fused ops, :func:`input_precision`) with TF32 on or
+    off inside the block, through the API :func:`tf32_allowed` reads; the previous setting after."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    previous = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32" if on else "ieee"
+    else:
+        matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = previous
+        else:
+            matmul.allow_tf32 = previous
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """Precision of fp32 dots: TF32 exactly when PyTorch's own fp32 matmuls may use it.
 
-    Following ``torch.backends.cuda.matmul.allow_tf32`` (off by default) keeps the fused ops as
+    Following PyTorch's TF32 setting (:func:`tf32_allowed`, off by default) keeps the fused ops as
     precise as the unfused layers they replace. 16-bit inputs ignore it.
     """
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not INTERPRET and tf32_allowed():
         return "tf32"
     return "ieee"
 

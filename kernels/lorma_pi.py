@@ -36,7 +36,7 @@ def _config(warps, stages, **blocks):
 
 
 # fp32 FMA dots (or TF32): small tiles. Every config compiles without spills for sm_80 and sm_90 in
-# both precisions (checked with pefttriton.kernel_report.compile_one).
+# both precisions (checked with pefttriton.tools.kernel_report.compile_one).
 SHIFT_CONFIGS = [
     _config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16),
     _config(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),

@@ -39,7 +39,7 @@ from pefttriton.kernels.launch import (
 
 # Autotune configs per dot family, chosen so that every one compiles without spills for sm_80 and
 # sm_90 at every call site, with triton 3.6 (the oldest supported) and 3.9 (``python -m
-# pefttriton.kernel_report`` checks; a test enforces it for the installed Triton).
+# pefttriton.tools.kernel_report`` checks; a test enforces it for the installed Triton).
 # 16-bit: tutorial tile shapes, 8 warps for 128x128 (4 warps spill once the low-rank segment and
 # epilogue vectors are live), plus narrow tiles for the down projection, whose width is the rank.
 # fp32 IEEE dots run on FMA units and hold far more registers per tile, so their tiles are small.

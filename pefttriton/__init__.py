@@ -1,8 +1,49 @@
-"""pefttriton: fused Triton kernels for parameter-efficient fine-tuning."""
+"""pefttriton: fused Triton kernels for parameter-efficient fine-tuning.
 
-from pefttriton.acceleration import AccelerationReport, accelerate, acceleration_report
-from pefttriton.adapter_layer import AdapterLayer
-from pefttriton.backend import (
+The folders are the layers, each importing only the ones before it: ``kernels`` (Triton) <-
+``ops`` (the fused ops, their state and references) <- ``adapters`` <- ``integration`` <- ``tools``.
+Everything users need is exported here.
+"""
+
+from pefttriton import _moved
+from pefttriton.adapters.adapter_layer import AdapterLayer
+from pefttriton.adapters.config import (
+    AdapterConfig,
+    DeepLoRAConfig,
+    LoRAConfig,
+    LoRMAConfig,
+    VeRAConfig,
+)
+from pefttriton.adapters.deep_lora import (
+    FusedDeepLoRALinear,
+    compress_init,
+    discrepant_param_groups,
+)
+from pefttriton.adapters.lora import FusedLoRALinear
+from pefttriton.adapters.lorma import FusedLoRMALinear
+from pefttriton.adapters.registry import register_adapter
+from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.integration.acceleration import AccelerationReport, accelerate, acceleration_report
+from pefttriton.integration.distributed import (
+    consolidate_sharded_adapter,
+    load_sharded_adapter,
+    save_sharded_adapter,
+)
+from pefttriton.integration.injection import (
+    inject,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameter_summary,
+)
+from pefttriton.integration.peft_interop import (
+    from_peft_model,
+    load_peft_adapter,
+    save_peft_adapter,
+)
+from pefttriton.integration.save import load_adapter, save_adapter
+from pefttriton.integration.vera_bank import VeRABank, adapter_ids, inject_banks, load_into_banks, to_banks
+from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_bank_linear, vera_linear
+from pefttriton.ops.backend import (
     get_backend,
     get_gemm_mode,
     get_strategy,
@@ -14,46 +55,13 @@ from pefttriton.backend import (
     use_gemm_mode,
     use_strategy,
 )
-from pefttriton.config import (
-    AdapterConfig,
-    DeepLoRAConfig,
-    LoRAConfig,
-    LoRMAConfig,
-    VeRAConfig,
-)
-from pefttriton.deep_lora import (
-    FusedDeepLoRALinear,
-    compress_init,
-    discrepant_param_groups,
-)
-from pefttriton.distributed import (
-    consolidate_sharded_adapter,
-    load_sharded_adapter,
-    save_sharded_adapter,
-)
-from pefttriton.injection import (
-    inject,
-    merge_and_unload,
-    print_trainable_parameters,
-    trainable_parameter_summary,
-)
-from pefttriton.lora import FusedLoRALinear
-from pefttriton.lorma import FusedLoRMALinear
-from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_bank_linear, vera_linear
-from pefttriton.peft_interop import (
-    from_peft_model,
-    load_peft_adapter,
-    save_peft_adapter,
-)
-from pefttriton.registry import register_adapter
-from pefttriton.save import load_adapter, save_adapter
-from pefttriton.strategy import (
+from pefttriton.ops.strategy import (
     clear_strategy_cache,
     set_strategy_autotune,
     strategy_cache,
 )
-from pefttriton.vera import FusedVeRALinear, VeRAProjections
-from pefttriton.vera_bank import VeRABank, adapter_ids, inject_banks, load_into_banks, to_banks
+
+_moved.install()
 
 __all__ = [
     "AccelerationReport",

@@ -25,9 +25,9 @@ from helpers import model_output, randomize_adapters, rel_err, tiny_encoder, tin
 from peft import IA3Config, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 
-from pefttriton.acceleration import AccelerationReport, accelerate, acceleration_report
+from pefttriton.integration.acceleration import AccelerationReport, accelerate, acceleration_report
 
-ACC = sys.modules["pefttriton.acceleration"]
+ACC = sys.modules["pefttriton.integration.acceleration"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pefttriton.acceleration import accelerate
+from pefttriton.integration.acceleration import accelerate
 
-ACC = sys.modules["pefttriton.acceleration"]
+ACC = sys.modules["pefttriton.integration.acceleration"]
 
 
 @pytest.fixture(autouse=True, scope="module")

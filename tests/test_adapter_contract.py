@@ -1,6 +1,6 @@
 """The contract every registered adapter keeps, checked once for all of them.
 
-The tests are parametrized over ``pefttriton.registry.adapters()`` (LoRMA once per variant, since
+The tests are parametrized over ``pefttriton.adapters.registry.adapters()`` (LoRMA once per variant, since
 each variant initialises, computes and merges differently) plus a toy fifth adapter defined below
 in a few lines. The toy is registered for this module only (see :func:`_toy_registered`): that
 it passes the whole suite, and gets :func:`pefttriton.inject`, :func:`pefttriton.merge_and_unload`
@@ -30,10 +30,10 @@ from torch._dynamo.backends.common import aot_autograd
 from transformers.pytorch_utils import Conv1D
 
 import pefttriton
-from pefttriton import registry
-from pefttriton.adapter_layer import AdapterLayer, LowRank
-from pefttriton.config import AdapterConfig
-from pefttriton.surgery import adapter_layers
+from pefttriton.adapters import registry
+from pefttriton.adapters.adapter_layer import AdapterLayer, LowRank
+from pefttriton.adapters.config import AdapterConfig
+from pefttriton.integration.surgery import adapter_layers
 
 N_IN, N_OUT, R = 11, 9, 3  # odd sizes, multiples of no block size
 BAD_RANKS = (0, -1, -2, -3, 1.5, 2.0, 2.5, True)
@@ -360,7 +360,7 @@ def test_extra_repr(spec):
 # Two forwards bypass the engine and its input check: LoRMA naive (two F.linear calls) and LoRA
 # with dropout in training (the unfused composition). A wrong last dimension then gets torch's
 # RuntimeError ("mat1 and mat2 shapes cannot be multiplied"), not the ValueError naming x that
-# every other forward raises. A package issue (pefttriton/lorma.py, pefttriton/lora.py), reported;
+# every other forward raises. A package issue (pefttriton/adapters/lorma.py, pefttriton/adapters/lora.py), reported;
 # strict, so that the fix turns these into failures until the marks are removed.
 @pytest.mark.parametrize("spec, mode", [
     pytest.param(spec, mode, id=f"{spec.name}-{mode}") for spec in CASES for mode in ("eval", "train")

@@ -1,4 +1,4 @@
-"""``pefttriton.analysis`` against independent computations: matrices with known singular values,
+"""``pefttriton.tools.analysis`` against independent computations: matrices with known singular values,
 subspaces with known principal angles, the textbook arccos formula on QR bases, and sums written
 out by hand."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pefttriton import analysis
-from pefttriton.lorma import FusedLoRMALinear
+from pefttriton.tools import analysis
+from pefttriton.adapters.lorma import FusedLoRMALinear
 
 
 def orthonormal(gen, m, k):

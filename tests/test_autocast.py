@@ -160,7 +160,7 @@ def test_hf_trainer_bf16_on_cpu(tmp_path, gen):
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     seen = []
-    layer = pefttriton.injection.adapter_layers(model)[0][1]
+    layer = pefttriton.integration.injection.adapter_layers(model)[0][1]
     layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     result = trainer.train()
     assert seen and set(seen) == {BF16}, seen  # the Trainer really ran the layers under autocast

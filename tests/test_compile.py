@@ -16,9 +16,9 @@ from helpers import model_output, rel_err, tiny_llama, token_ids
 from torch._dynamo.backends.common import aot_autograd
 
 import pefttriton
-from pefttriton.config import LoRAConfig, VeRAConfig
-from pefttriton.injection import inject
-from pefttriton.surgery import adapter_layers
+from pefttriton.adapters.config import LoRAConfig, VeRAConfig
+from pefttriton.integration.injection import inject
+from pefttriton.integration.surgery import adapter_layers
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,8 @@ import torch
 from peft import VeraConfig, get_peft_model
 from helpers import tiny_llama
 
-from pefttriton.config import VeRAConfig
-from pefttriton.injection import inject
+from pefttriton.adapters.config import VeRAConfig
+from pefttriton.integration.injection import inject
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, SEED, LR = 16, 1, 2e-2

@@ -31,8 +31,8 @@ TIMEOUT_S = 150
 
 def _build():
     """The model every process builds: tiny Llama, VeRA on q/v/down, non-zero lambdas."""
-    from pefttriton.config import VeRAConfig
-    from pefttriton.injection import inject
+    from pefttriton.adapters.config import VeRAConfig
+    from pefttriton.integration.injection import inject
 
     model = tiny_llama(seed=0)
     torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))  # must not matter for the projections
@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import pefttriton
-    from pefttriton.vera import VeRAProjections
+    from pefttriton.adapters.vera import VeRAProjections
 
     os.environ["RANK"] = str(rank)
     dist.init_process_group(
@@ -144,7 +144,7 @@ def test_ddp_gradients_equal_single_process(backend, ddp_results):
     # the shared projections: identical on every rank, and the seed's (not the global RNG's) draw
     assert rank0["projections_equal"] and rank1["projections_equal"]
     model = _build()  # RANK unset here: a third global seed
-    from pefttriton.vera import VeRAProjections
+    from pefttriton.adapters.vera import VeRAProjections
 
     proj = next(m for m in model.modules() if isinstance(m, VeRAProjections))
     assert torch.equal(proj.vera_A, rank0["A"])

@@ -18,7 +18,7 @@ from bench.deep_factorization import (
     run_gd,
     trajectory_experiment,
 )
-from pefttriton.deep_lora import random_partial_isometry
+from pefttriton.adapters.deep_lora import random_partial_isometry
 
 
 def _is_scaled_partial_isometry(W, scale, tol=1e-12):

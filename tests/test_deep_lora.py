@@ -18,7 +18,7 @@ from torch import nn
 
 import pefttriton
 from bench.deep_factorization import full_width_factors, low_rank_target, relative_gaps, run_gd
-from pefttriton.deep_lora import (
+from pefttriton.adapters.deep_lora import (
     DEFAULT_EPS,
     FusedDeepLoRALinear,
     compress_init,
@@ -26,7 +26,7 @@ from pefttriton.deep_lora import (
     discrepant_param_groups,
     random_partial_isometry,
 )
-from pefttriton.lora import FusedLoRALinear
+from pefttriton.adapters.lora import FusedLoRALinear
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

@@ -25,7 +25,7 @@ interpreter):
 * ``checkpointing``: the same model with ``checkpoint_wrapper`` (non-reentrant) on every decoder
   layer, ``fully_shard`` per decoder layer and on the root; the recomputation is counted.
 
-Each Llama run saves its adapter with :func:`pefttriton.distributed.save_sharded_adapter` (DCP,
+Each Llama run saves its adapter with :func:`pefttriton.integration.distributed.save_sharded_adapter` (DCP,
 each rank its shards); the test loads it into unsharded models, bit-exact, and a worker loads it
 back into a freshly sharded one. A last test launches ``examples/fsdp_train.py`` with torchrun.
 """
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(kind: str, targets: list[str]):
-    from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+    from pefttriton.adapters.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 
     if kind == "vera":
         return VeRAConfig(r=5, target_modules=targets, projection_seed=3)
@@ -84,7 +84,7 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 def _llama(kind: str, seed: int = 5) -> nn.Module:
     """Tiny Llama with adapter ``kind`` on q/v/down (``"mixed"``: each adapter on its own target)."""
-    from pefttriton.injection import inject
+    from pefttriton.integration.injection import inject
 
     model = tiny_llama(seed=0)
     # Must not matter for VeRA's projections: each rank draws another global stream.
@@ -112,7 +112,7 @@ class ResidualStack(nn.Module):
 
 
 def _residual_stack() -> nn.Module:
-    from pefttriton.injection import inject
+    from pefttriton.integration.injection import inject
 
     torch.manual_seed(0)
     model = ResidualStack()
@@ -143,7 +143,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _train(model: nn.Module, loss_fn, steps: int):
     """SGD steps; per step the loss and the gradients ({bare name: full tensor}); the final parameters."""
-    from pefttriton.distributed import bare_name
+    from pefttriton.integration.distributed import bare_name
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
@@ -165,7 +165,7 @@ def _train(model: nn.Module, loss_fn, steps: int):
 def _shard_fused_layers(model: nn.Module, mesh, **kw) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from pefttriton.surgery import adapter_layers
+    from pefttriton.integration.surgery import adapter_layers
 
     for _, layer in adapter_layers(model):
         fully_shard(layer, mesh=mesh, **kw)
@@ -181,7 +181,7 @@ def _projections_report(model: nn.Module) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from pefttriton.vera import FusedVeRALinear
+    from pefttriton.adapters.vera import FusedVeRALinear
 
     shared = {id(m.projections): m.projections for m in model.modules() if isinstance(m, FusedVeRALinear)}
     (proj,) = shared.values()
@@ -208,7 +208,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     import pefttriton
-    from pefttriton.distributed import adapter_state_dict, load_sharded_adapter, save_sharded_adapter
+    from pefttriton.integration.distributed import adapter_state_dict, load_sharded_adapter, save_sharded_adapter
 
     os.environ["RANK"] = str(rank)
     dist.init_process_group(
@@ -452,7 +452,7 @@ def test_llama_gradients_equal_single_process(fsdp_run, kind):
 
 
 def test_vera_projections_replicated_not_sharded(fsdp_run):
-    from pefttriton.vera import VeRAProjections
+    from pefttriton.adapters.vera import VeRAProjections
 
     # tiny Llama: VeRA on q/v/down spans in-features up to 45 (down) and out-features up to 30
     # (q, down); the mixed model's VeRA is on q alone (30 x 30)
@@ -506,14 +506,14 @@ def _unsharded(kind: str) -> nn.Module:
 def test_dcp_checkpoint_loads_bit_exact(fsdp_run, kind):
     from torch.distributed.checkpoint import FileSystemReader
 
-    from pefttriton.distributed import METADATA_FILE, adapter_state_dict, load_sharded_adapter
+    from pefttriton.integration.distributed import METADATA_FILE, adapter_state_dict, load_sharded_adapter
 
     ckpt = fsdp_run["out"] / f"ckpt_{kind}"
     saved = fsdp_run["ranks"][0][kind]["saved"]
     assert fsdp_run["ranks"][1][kind]["saved"].keys() == saved.keys()
     # only adapter tensors, under the bare model's names: no base weight, no wrapper prefix
     model = _unsharded("mixed" if kind == "checkpointing" else kind)
-    from pefttriton.surgery import adapter_layers
+    from pefttriton.integration.surgery import adapter_layers
 
     expected = {f"{name}.{p}" for name, layer in adapter_layers(model) for p in layer.adapter_layer_names}
     meta = FileSystemReader(str(ckpt)).read_metadata()
@@ -543,8 +543,8 @@ def test_dcp_checkpoint_loads_bit_exact(fsdp_run, kind):
 def test_consolidated_checkpoint_matches_save_adapter(fsdp_run, tmp_path):
     """The single file made from the sharded checkpoint is what save_adapter writes from the
     unsharded model, and load_adapter injects it into a plain model."""
-    from pefttriton.distributed import consolidate_sharded_adapter, load_sharded_adapter
-    from pefttriton.save import load_adapter, read_adapter, save_adapter
+    from pefttriton.integration.distributed import consolidate_sharded_adapter, load_sharded_adapter
+    from pefttriton.integration.save import load_adapter, read_adapter, save_adapter
 
     ckpt = fsdp_run["out"] / "ckpt_checkpointing"
     consolidate_sharded_adapter(ckpt, tmp_path / "consolidated.safetensors")
@@ -560,13 +560,13 @@ def test_consolidated_checkpoint_matches_save_adapter(fsdp_run, tmp_path):
 
 
 def test_distributed_helpers_reject_bad_input(fsdp_run, tmp_path):
-    from pefttriton.distributed import (
+    from pefttriton.integration.distributed import (
         adapter_state_dict,
         consolidate_sharded_adapter,
         load_sharded_adapter,
         save_sharded_adapter,
     )
-    from pefttriton.injection import inject
+    from pefttriton.integration.injection import inject
 
     with pytest.raises(TypeError, match="nn.Module"):
         adapter_state_dict("model")
@@ -587,7 +587,7 @@ def test_distributed_helpers_reject_bad_input(fsdp_run, tmp_path):
         "other adapter": (_unsharded("lora"), "is a lora adapter"),
     }
     other_seed = tiny_llama(seed=0)
-    from pefttriton.config import VeRAConfig
+    from pefttriton.adapters.config import VeRAConfig
 
     inject(other_seed, VeRAConfig(r=5, target_modules=["q_proj", "v_proj", "down_proj"], projection_seed=4))
     cases["other seed"] = (other_seed, "seed")
@@ -630,7 +630,7 @@ def test_example_fsdp_train_runs_under_torchrun(tmp_path):
     # The saved adapter, loaded into an unsharded model built like the example's, gives its final loss.
     import importlib.util
 
-    from pefttriton.distributed import load_sharded_adapter
+    from pefttriton.integration.distributed import load_sharded_adapter
 
     spec = importlib.util.spec_from_file_location("fsdp_train", ROOT / "examples" / "fsdp_train.py")
     example = importlib.util.module_from_spec(spec)

@@ -18,12 +18,12 @@ from peft.tuners.vera.model import _kaiming_init
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pefttriton.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.injection import inject, merge_and_unload, trainable_parameter_summary
-from pefttriton.registry import config_from_dict
-from pefttriton.surgery import adapter_layers, matches
-from pefttriton.lora import FusedLoRALinear
-from pefttriton.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.adapters.config import DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.integration.injection import inject, merge_and_unload, trainable_parameter_summary
+from pefttriton.adapters.registry import config_from_dict
+from pefttriton.integration.surgery import adapter_layers, matches
+from pefttriton.adapters.lora import FusedLoRALinear
+from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections
 
 # ----------------------------------------------------------------------------- PEFT's projections
 
@@ -377,7 +377,7 @@ class _WithHead(nn.Module):
 
 
 def test_modules_to_save_train_beside_the_adapters():
-    from pefttriton.surgery import modules_to_save
+    from pefttriton.integration.surgery import modules_to_save
 
     model = inject(_WithHead(), LoRAConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

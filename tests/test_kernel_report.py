@@ -2,7 +2,7 @@
 
 The report runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the jit
 functions that the compiler needs). It compiles ahead of time for the GPU targets on this CPU
-machine; see ``pefttriton/kernel_report.py``.
+machine; see ``pefttriton/tools/kernel_report.py``.
 """
 
 import json
@@ -23,7 +23,7 @@ def _run_report(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pefttriton.kernel_report", "--json", str(out), *args],
+        [sys.executable, "-m", "pefttriton.tools.kernel_report", "--json", str(out), *args],
         env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )
     return proc, json.loads(out.read_text()) if out.exists() else None
@@ -73,7 +73,7 @@ def test_tensor_cores_used_for_16_bit_and_tf32(report):
 def test_report_detects_spills(tmp_path):
     """The check is not vacuous: a tile far too large for the register file must show spills."""
     code = (
-        "from pefttriton import kernel_report as kr\n"
+        "from pefttriton.tools import kernel_report as kr\n"
         "from pefttriton.kernels import lowrank_linear as lk\n"
         "lk.GEMM_CONFIGS['fp32'] = [lk.gemm_config(256, 256, 32, 4, 2)]\n"
         "r = kr.compile_one(kr.variants()[0], 0, 'fp32', 80)\n"

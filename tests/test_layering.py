@@ -1,9 +1,13 @@
-"""The package's imports point one way: kernels <- ops <- adapters <- integration <- tools.
+"""The package's folders are its layers, and its imports point one way, without circles.
+
+    kernels (Triton) <- ops <- adapters <- integration <- tools <- pefttriton (the exports)
 
 Every module's imports are read with ``ast`` (nothing is imported), those inside functions
 included, relative imports resolved. A module may import its own layer and the layers below it,
 never one above; the kernels import nothing but triton, torch, the standard library and each
-other. A module that belongs to no layer fails the test, so a new file has to be placed.
+other. A module is placed by its folder, so a new file directly in ``pefttriton/`` (other than the
+package's ``__init__`` and the old-path aliases) fails the test. Inside a layer, no module imports
+itself back through others: the graph of imports between package modules has no cycle.
 """
 
 import ast
@@ -16,17 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # layer -> its modules (a name ending in ".*" covers a package's modules), lowest layer first
 LAYERS = {
-    "kernels": ("pefttriton.kernels", "pefttriton.kernels.*"),
-    "ops": ("pefttriton.ops", "pefttriton.ops.*", "pefttriton.backend", "pefttriton.strategy"),
-    "adapters": (
-        "pefttriton.adapter_layer", "pefttriton.vera", "pefttriton.lora", "pefttriton.deep_lora",
-        "pefttriton.lorma", "pefttriton.config", "pefttriton.registry",
-    ),
-    "integration": (
-        "pefttriton.surgery", "pefttriton.injection", "pefttriton.save", "pefttriton.peft_interop",
-        "pefttriton.distributed", "pefttriton.acceleration", "pefttriton.vera_bank",
-    ),
-    "tools": ("pefttriton", "pefttriton.analysis", "pefttriton.kernel_report"),
+    "kernels": ("pefttriton.kernels.*",),
+    "ops": ("pefttriton.ops", "pefttriton.ops.*"),
+    "adapters": ("pefttriton.adapters", "pefttriton.adapters.*"),
+    "integration": ("pefttriton.integration", "pefttriton.integration.*"),
+    "tools": ("pefttriton.tools", "pefttriton.tools.*"),
+    "exports": ("pefttriton", "pefttriton._moved"),
 }
 ORDER = list(LAYERS)
 KERNEL_THIRD_PARTY = {"triton", "torch"}
@@ -127,10 +126,69 @@ def violations(module: str, imports: list[tuple[int, str]]) -> list[str]:
     return found
 
 
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (or a module importing itself)
+    of ``graph`` (module -> modules it imports): every import circle lies in one of them."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its code."""
+    graph = {}
+    for module in MODULES:
+        targets = {owning_module(name) for _, name in imports_of(module)}
+        graph[module] = {t for t in targets if t is not None}
+    return graph
+
+
 def test_every_module_has_a_layer():
-    assert {"pefttriton", "pefttriton.kernels.launch", "pefttriton.ops", "pefttriton.adapter_layer"} <= set(MODULES)
+    assert {"pefttriton", "pefttriton.kernels.launch", "pefttriton.ops", "pefttriton.adapters.adapter_layer",
+            "pefttriton.integration.acceleration", "pefttriton.tools.kernel_report"} <= set(MODULES)
     unplaced = sorted(name for name in MODULES if layer_of(name) is None)
-    assert not unplaced, f"modules in no layer of tests/test_layering.py: {unplaced}"
+    assert not unplaced, f"modules in no layer (folder) of tests/test_layering.py: {unplaced}"
+    loose = sorted(p.name for p in (ROOT / "pefttriton").glob("*.py") if p.name not in ("__init__.py", "_moved.py"))
+    assert not loose, f"modules directly in pefttriton/ belong in a layer's folder: {loose}"
+
+
+def test_no_import_circle():
+    found = cycles(import_graph())
+    assert not found, "import circles (function-level imports included): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_circle_check_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}}) == [["a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    # the circle this package had: backend chose through strategy, strategy timed through the op
+    graph = import_graph()
+    graph["pefttriton.ops.strategy"] = graph["pefttriton.ops.strategy"] | {"pefttriton.ops.lowrank_linear"}
+    assert any("pefttriton.ops.strategy" in c and "pefttriton.ops.backend" in c for c in cycles(graph))
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -142,17 +200,33 @@ def test_imports_point_down(module):
 def test_the_check_sees_imports_anywhere():
     """Known imports are found, at the top and inside functions; upward ones are caught."""
     # ``from pefttriton.ops import lowrank_linear``: the submodule of that name
-    assert {name for _, name in imports_of("pefttriton.adapter_layer")} >= {
+    assert {name for _, name in imports_of("pefttriton.adapters.adapter_layer")} >= {
         "pefttriton.ops.lowrank_linear", "pefttriton.ops.validation"
     }
     # surgery imports transformers' Conv1D inside a function
-    assert "transformers.pytorch_utils" in {name for _, name in imports_of("pefttriton.surgery")}
+    assert "transformers.pytorch_utils" in {name for _, name in imports_of("pefttriton.integration.surgery")}
     assert layer_of("pefttriton.ops.naive") == "ops" and layer_of("pefttriton.kernels.launch") == "kernels"
-    assert layer_of("pefttriton") == "tools" and layer_of("pefttriton.nowhere") is None
-    ops_source = "import torch\nfrom . import validation\n\ndef f():\n    from ..registry import get_adapter\n    import pefttriton.surgery\n"
+    assert layer_of("pefttriton") == "exports" and layer_of("pefttriton.nowhere") is None
+    assert layer_of("pefttriton.integration.vera_bank") == "integration" and layer_of("pefttriton.kernels") is None
+    ops_source = "import torch\nfrom . import validation\n\ndef f():\n    from ..adapters.registry import get_adapter\n    import pefttriton.integration.surgery\n"
     imports = imports_in(ops_source, "pefttriton.ops.new", package=False)
-    assert imports == [(1, "torch"), (2, "pefttriton.ops.validation"), (5, "pefttriton.registry"), (6, "pefttriton.surgery")]
+    assert imports == [(1, "torch"), (2, "pefttriton.ops.validation"), (5, "pefttriton.adapters.registry"), (6, "pefttriton.integration.surgery")]
     assert [v.split(":")[0] for v in violations("pefttriton.ops.new", imports)] == ["line 5", "line 6"]
     kernel_source = "import numpy\nimport triton.language as tl\nfrom pefttriton.kernels.launch import on_device\nfrom pefttriton.ops import lowrank_linear\n"
     found = violations("pefttriton.kernels.new", imports_in(kernel_source, "pefttriton.kernels.new", package=False))
     assert [v.split(":")[0] for v in found] == ["line 1", "line 4"]
+
+
+@pytest.mark.parametrize("old", ["pefttriton.vera", "pefttriton.acceleration", "pefttriton.strategy", "pefttriton.kernel_report"])
+def test_old_module_paths_import_with_a_warning(old):
+    """The paths of 0.1 still import for one release: the module at its new path, with its own spec."""
+    import importlib
+
+    from pefttriton._moved import MOVED
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=MOVED[old].replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(MOVED[old])
+    assert module.__spec__.name == MOVED[old]
+    assert all(new in MODULES for new in MOVED.values())

@@ -11,7 +11,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 import pefttriton
-from pefttriton.lora import FusedLoRALinear
+from pefttriton.adapters.lora import FusedLoRALinear
 from pefttriton.ops import lowrank_linear
 
 IN, HID = 37, 29  # odd sizes, multiples of nothing

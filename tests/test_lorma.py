@@ -15,9 +15,9 @@ from helpers import rel_err
 from torch import nn
 
 import pefttriton
-from pefttriton.analysis import numerical_rank
+from pefttriton.tools.analysis import numerical_rank
 from pefttriton.kernels import lorma_pi as kernels
-from pefttriton.lorma import FusedLoRMALinear
+from pefttriton.adapters.lorma import FusedLoRMALinear
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
 
 VARIANTS = ("plus", "pi", "naive")

@@ -5,6 +5,8 @@ Every comparison is against ``pefttriton.ops.naive.lowrank_linear_reference`` ev
 float64 copies of the very same inputs and differentiated by plain autograd.
 """
 
+import importlib
+
 import pytest
 import torch
 from helpers import BACKENDS, rel_err
@@ -500,7 +502,7 @@ def test_16_bit_output_is_rounded_once(name):
 
 def test_auto_follows_the_cost_model(monkeypatch):
     """auto takes the path the cost model rates cheapest among those the backend allows."""
-    from pefttriton import strategy as chooser
+    from pefttriton.ops import strategy as chooser
 
     cpu = torch.device("cpu")
     big = (4096, 1024, 1024, 256)
@@ -513,7 +515,8 @@ def test_auto_follows_the_cost_model(monkeypatch):
 
 
 def test_measured_autotune_times_once_per_bucket_and_keeps_the_fastest(gen, monkeypatch):
-    from pefttriton import strategy as chooser
+    # the op's module (pefttriton.ops.lowrank_linear is the function of that name)
+    lowrank_linear_module = importlib.import_module("pefttriton.ops.lowrank_linear")
 
     timed = []
     fake = {"lean": 0.3, "weight": 0.1}
@@ -522,7 +525,7 @@ def test_measured_autotune_times_once_per_bucket_and_keeps_the_fastest(gen, monk
         timed.append((path, shape, trains))
         return fake[path]
 
-    monkeypatch.setattr(chooser, "_time_path", time_path)
+    monkeypatch.setattr(lowrank_linear_module, "time_path", time_path)
     pefttriton.set_strategy_autotune(True)
     for N in (100, 120):  # one token bucket (128)
         t = make_inputs(gen, N, 6, 5, 3, requires_grad=("x", "d", "b"))

@@ -19,9 +19,9 @@ import torch
 from helpers import rel_err
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
-from pefttriton.config import VeRAConfig
-from pefttriton.injection import inject, trainable_parameter_summary
-from pefttriton.surgery import adapter_layers
+from pefttriton.adapters.config import VeRAConfig
+from pefttriton.integration.injection import inject, trainable_parameter_summary
+from pefttriton.integration.surgery import adapter_layers
 
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)

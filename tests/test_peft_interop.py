@@ -22,12 +22,12 @@ from helpers import model_output, rel_err, tiny_encoder, tiny_gpt2, tiny_llama, 
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from pefttriton.config import DeepLoRAConfig, LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
-from pefttriton.injection import inject
-from pefttriton.surgery import adapter_layers
-from pefttriton.lora import FusedLoRALinear
-from pefttriton.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
-from pefttriton.vera import FusedVeRALinear
+from pefttriton.adapters.config import DeepLoRAConfig, LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
+from pefttriton.integration.injection import inject
+from pefttriton.integration.surgery import adapter_layers
+from pefttriton.adapters.lora import FusedLoRALinear
+from pefttriton.integration.peft_interop import from_peft_model, load_peft_adapter, save_peft_adapter
+from pefttriton.adapters.vera import FusedVeRALinear
 
 TOL = 1e-5
 

@@ -28,17 +28,17 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from pefttriton import merge_and_unload
-from pefttriton.config import LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
-from pefttriton.injection import inject
-from pefttriton.surgery import adapter_layers, modules_to_save
-from pefttriton.lora import FusedLoRALinear
-from pefttriton.peft_interop import (
+from pefttriton.adapters.config import LoRAConfig as FusedLoRAConfig, VeRAConfig as FusedVeRAConfig
+from pefttriton.integration.injection import inject
+from pefttriton.integration.surgery import adapter_layers, modules_to_save
+from pefttriton.adapters.lora import FusedLoRALinear
+from pefttriton.integration.peft_interop import (
     PEFT_LAYER_SUBMODULES,
     from_peft_model,
     load_peft_adapter,
     save_peft_adapter,
 )
-from pefttriton.vera import FusedVeRALinear
+from pefttriton.adapters.vera import FusedVeRALinear
 
 TOL = 1e-5
 

@@ -88,3 +88,47 @@ def test_fp64_input_with_fp32_vectors(backend, gen):
     y_ref = lowrank_linear_reference(x, weight, bias, A, B, d.double(), b.double(), scale=scale)
     assert y.dtype == torch.float64
     assert rel_err(y, y_ref) < 1e-13
+
+
+@pytest.fixture
+def tf32_through_the_new_api():
+    """PyTorch's fp32 matmul precision set to TF32 through the API of torch >= 2.9 (restored after)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy allow_tf32 flag")
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = previous
+
+
+def test_tf32_set_through_the_new_api_is_read_without_error(tf32_through_the_new_api, monkeypatch):
+    """Once the new API set TF32, reading the legacy allow_tf32 raises; pefttriton reads the new one
+    (the kernels' dot precision, the cost model on CUDA) and every strategy still runs."""
+    import pefttriton
+    from pefttriton.kernels import launch
+    from pefttriton.ops import strategy
+
+    with pytest.raises(RuntimeError, match="legacy and new APIs"):  # the trap the old code fell into
+        _ = torch.backends.cuda.matmul.allow_tf32
+    assert launch.tf32_allowed()
+    monkeypatch.setattr(launch, "INTERPRET", False)  # what a GPU run reads
+    assert launch.input_precision(torch.float32) == "tf32" and launch.input_precision(torch.bfloat16) == "ieee"
+    monkeypatch.undo()
+    cuda = torch.device("cuda")
+    shape = (4096, 1024, 1024, 16)
+    assert strategy.estimate("fused", cuda, torch.float32, shape) < strategy.estimate("fused", cuda, torch.float32, shape, "all")
+    assert strategy.choose(cuda, torch.float32, shape, "vectors", ("fused", "split", "lean", "weight")) in pefttriton.ops.backend.PATHS
+    with launch.allow_tf32(False):
+        assert not launch.tf32_allowed() and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert launch.tf32_allowed()
+    gen = torch.Generator().manual_seed(0)
+    x, weight, A, B = (torch.randn(*size, generator=gen, dtype=torch.float64) for size in ((9, 12), (7, 12), (3, 12), (7, 3)))
+    want = lowrank_linear_reference(x, weight, None, A, B, scale=0.5)
+    for backend, strategies in (("torch", ("auto", "lean", "weight")), ("triton", ("auto", "fused", "split"))):
+        for name in strategies:
+            with pefttriton.use_backend(backend), pefttriton.use_strategy(name):
+                x32 = x.float().requires_grad_(True)
+                y = lowrank_linear(x32, weight.float(), None, A.float(), B.float(), scale=0.5)
+                y.sum().backward()
+            assert rel_err(y, want) < 1e-5 and x32.grad is not None, (backend, name)

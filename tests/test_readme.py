@@ -43,7 +43,7 @@ def test_readme_use_in_models_example_runs(tmp_path, monkeypatch):
 def test_readme_new_adapter_example_runs(tmp_path):
     """The "A new adapter" block registers an adapter that inject, save/load and merge then handle."""
     import pefttriton
-    from pefttriton.registry import unregister_adapter
+    from pefttriton.adapters.registry import unregister_adapter
 
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     code = next(b for b in blocks if "register_adapter" in b)

@@ -8,11 +8,11 @@ from torch import nn
 from safetensors import safe_open
 from helpers import model_output, randomize_adapters, tiny_gpt2, tiny_llama, token_ids
 
-from pefttriton.config import LoRAConfig, LoRMAConfig, VeRAConfig
-from pefttriton.injection import inject
-from pefttriton.surgery import adapter_layers
-from pefttriton.save import load_adapter, read_adapter, save_adapter
-from pefttriton.vera import VeRAProjections
+from pefttriton.adapters.config import LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.integration.injection import inject
+from pefttriton.integration.surgery import adapter_layers
+from pefttriton.integration.save import load_adapter, read_adapter, save_adapter
+from pefttriton.adapters.vera import VeRAProjections
 
 
 def _randomize(model, gen):
@@ -410,7 +410,7 @@ def test_failed_load_changes_nothing(tmp_path, _atomic_setup, mode):
 
 
 def test_merged_lorma_that_cannot_unmerge_refused_before_any_change(tmp_path, gen):
-    import pefttriton.lorma
+    import pefttriton.adapters.lorma
 
     base = tiny_llama()
     model = inject(copy.deepcopy(base), LoRMAConfig(r=2, variant="naive", target_modules=["q_proj"]))
@@ -420,7 +420,7 @@ def test_merged_lorma_that_cannot_unmerge_refused_before_any_change(tmp_path, ge
         layer.merge()
     last = adapter_layers(target)[-1][1]
     last.base_weight_copy = None  # e.g. a merged model restored from a state_dict (the copy is not saved)
-    assert isinstance(last, pefttriton.lorma.FusedLoRMALinear)
+    assert isinstance(last, pefttriton.adapters.lorma.FusedLoRMALinear)
     before = _snapshot(target)
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj.*cannot be unmerged"):
         load_adapter(target, tmp_path / "a.safetensors")
@@ -452,7 +452,7 @@ def test_tied_lm_head_saved_merged(tmp_path, gen):
 def test_modules_to_save_record_round_trips(tmp_path, gen):
     """A head trained beside the adapters is saved, loaded and recorded again, so that a later
     PEFT export (or inject) still treats it as a module to save."""
-    from pefttriton.surgery import modules_to_save
+    from pefttriton.integration.surgery import modules_to_save
 
     from collections import OrderedDict
 

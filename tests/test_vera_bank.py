@@ -15,8 +15,8 @@ from torch import nn
 
 import pefttriton
 from pefttriton.ops.vera_bank import vera_bank_linear, vera_bank_reference
-from pefttriton.vera import FusedVeRALinear, VeRAProjections
-from pefttriton.vera_bank import (
+from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.integration.vera_bank import (
     VeRABank,
     adapter_ids,
     inject_banks,
@@ -85,7 +85,7 @@ def test_mixed_batch_matches_oracle_and_single_layers(backend, gen, dtype, patte
         "with-base": torch.randint(-1, K, (N,), generator=gen),
         "all-base": torch.full((N,), -1),
     }[pattern]
-    pefttriton.backend.record_path(None)
+    pefttriton.ops.backend.record_path(None)
     with torch.no_grad():
         y = bank(x, adapter_ids=ids)
         # One adapter for all rows runs the single-adapter engine (any strategy), -1 for all the base layer.

@@ -1,4 +1,4 @@
-"""Fused ops: validation, backend dispatch and autograd around the Triton kernels."""
+"""Fused ops: the backend and strategy state, validation, dispatch, custom ops and autograd around the Triton kernels, and their float64 references."""
 
 from pefttriton.ops.lorma_pi import lorma_pi_linear, shift_product
 from pefttriton.ops.lowrank_linear import lowrank_linear

@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from pefttriton.backend import resolve_path, uses_triton
+from pefttriton.ops.backend import resolve_path, uses_triton
 from pefttriton.kernels import lorma_pi as kernels
 from pefttriton.kernels.launch import acc_dtype
 from pefttriton.kernels.lowrank_linear import fused_gemm
@@ -136,7 +136,7 @@ def _impl(path: str, t: Tensor):
 
 
 def _eager_path(t: Tensor) -> str:
-    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.backend).
+    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.ops.backend).
     return "" if torch.compiler.is_compiling() else resolve_path(t.device, t.dtype)
 
 

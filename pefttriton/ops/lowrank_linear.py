@@ -2,7 +2,7 @@
 
     y = x W^T + bias + scale * b * ((d * (x A^T)) B^T)
 
-Four strategies compute it (:mod:`pefttriton.backend` says which runs, :mod:`pefttriton.strategy`
+Four strategies compute it (:mod:`pefttriton.ops.backend` says which runs, :mod:`pefttriton.ops.strategy`
 how ``auto`` picks): ``fused`` and ``split`` launch the Triton kernels of
 ``pefttriton.kernels.lowrank_linear``; ``lean`` and ``weight`` are plain PyTorch (BLAS) code. All
 save for backward only ``x A^T`` (tokens x rank, in the accumulation dtype) and, when a gradient
@@ -12,11 +12,13 @@ ops, a fake implementation for tracing, autograd), so ``torch.compile`` sees it 
 """
 
 import math
+import statistics
+import time
 
 import torch
 from torch import Tensor
 
-from pefttriton.backend import record_path, resolve_path
+from pefttriton.ops.backend import record_path, resolve_path, use_strategy
 from pefttriton.kernels import lowrank_linear as kernels
 from pefttriton.kernels.launch import acc_dtype
 from pefttriton.ops.validation import (
@@ -281,7 +283,7 @@ def _compute_backward(path, g, x, xa, weight, A, B, d, b, scale, needs):
 
 
 def _trains(x, weight, A, B, d, b) -> str:
-    """What needs gradients in this call, as :func:`pefttriton.strategy.estimate` names it."""
+    """What needs gradients in this call, as :func:`pefttriton.ops.strategy.estimate` names it."""
     if not torch.is_grad_enabled():
         return "none"
     factors = A.requires_grad or B.requires_grad
@@ -289,6 +291,47 @@ def _trains(x, weight, A, B, d, b) -> str:
     if factors:
         return "all" if vectors else "factors"
     return "vectors" if vectors or x.requires_grad or weight.requires_grad else "none"
+
+
+def time_path(path: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
+              trains: str, reps: int = 3) -> float:
+    """Seconds of one call of :func:`lowrank_linear` on ``path`` (forward, and backward unless
+    ``trains == "none"``) for inputs of ``shape`` = (tokens, in, out, rank): the median of ``reps``
+    after one warm-up, on random inputs. The measured ``auto`` strategy times its candidates with it
+    (:func:`pefttriton.ops.strategy.choose`)."""
+    N, n, m, r = shape
+    need_x = trains != "none"
+    need_factors, need_vectors = trains in ("factors", "all"), trains in ("vectors", "all")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def make(*size, grad=False):
+        t = (torch.randn(size, generator=gen) / max(1, size[-1]) ** 0.5).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    x = make(N, n, grad=need_x)
+    weight, bias = make(m, n), make(m)
+    A, B = make(r, n, grad=need_factors), make(m, r, grad=need_factors)
+    d, b = make(r, grad=need_vectors), make(m, grad=need_vectors)
+
+    def once():
+        with use_strategy(path), torch.set_grad_enabled(need_x):
+            y = lowrank_linear(x, weight, bias, A, B, d, b, 0.5)
+            if need_x:
+                y.backward(torch.ones_like(y))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    once()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        once()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _run_path(path: str, t: Tensor, weight: Tensor, A: Tensor) -> str:
@@ -318,7 +361,7 @@ def _lowrank_linear_fwd(
 
     ``x`` is (..., n); the tokens are flattened inside, so that ``y`` comes out as a tensor of its
     own, never a view (FSDP2 refuses views from a wrapped module: an in-place op on one would
-    skip its hooks). ``path`` is one of :data:`pefttriton.backend.PATHS`, or ``"?"`` followed by
+    skip its hooks). ``path`` is one of :data:`pefttriton.ops.backend.PATHS`, or ``"?"`` followed by
     what trains (``"?vectors"``, ...) to resolve it now (under ``torch.compile``).
     """
     m, n = weight.shape
@@ -462,11 +505,11 @@ def lowrank_linear(
     if b is not None:
         check_tensor("b", b, (m,), x, with_fp32)
     scale = check_scale(scale)
-    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.backend).
+    # Eager calls fix the path here, so that backward runs the same one (see pefttriton.ops.backend).
     trains = _trains(x, weight, A, B, d, b)
     if torch.compiler.is_compiling():
         path = "?" + trains
     else:
-        path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains))
+        path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains, time_path))
     y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, path)
     return y

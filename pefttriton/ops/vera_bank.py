@@ -7,7 +7,7 @@
 row needs only its own two vectors: the cost is that of one adapter whatever the number of adapters
 and however the rows mix.
 
-Paths (:mod:`pefttriton.backend` chooses, as for :func:`~pefttriton.ops.lowrank_linear`):
+Paths (:mod:`pefttriton.ops.backend` chooses, as for :func:`~pefttriton.ops.lowrank_linear`):
 
 * ``fused`` (Triton): ``x A^T`` by the engine's GEMM kernel, ``h = d[ids] * (x A^T)`` gathered in
   PyTorch (tokens x rank), then ``pefttriton.kernels.vera_bank``'s one GEMM kernel: the rank segment,
@@ -33,11 +33,11 @@ import math
 import torch
 from torch import Tensor
 
-from pefttriton.backend import get_backend, record_path, resolve_path, uses_triton
+from pefttriton.ops.backend import get_backend, record_path, resolve_path, uses_triton
 from pefttriton.kernels import lowrank_linear as engine
 from pefttriton.kernels import vera_bank as kernels
 from pefttriton.kernels.launch import acc_dtype
-from pefttriton.ops.lowrank_linear import lowrank_linear, mm_acc
+from pefttriton.ops.lowrank_linear import lowrank_linear, mm_acc, time_path
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
@@ -219,9 +219,9 @@ def _run_path(path: str, x: Tensor, weight: Tensor, A: Tensor) -> str:
 
 
 def bank_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> str:
-    """``"fused"``, ``"split"`` or ``"lean"``: what :func:`pefttriton.backend.resolve_path` picks for
+    """``"fused"``, ``"split"`` or ``"lean"``: what :func:`pefttriton.ops.backend.resolve_path` picks for
     the single-adapter op of this shape, with ``weight`` (impossible per row) replaced by ``lean``."""
-    path = resolve_path(device, dtype, shape, "none")
+    path = resolve_path(device, dtype, shape, "none", time_path)
     return path if uses_triton(path) else "lean"
 
 

@@ -12,7 +12,7 @@ Out:
   PEFT's format, so ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it.
 
 Modules that train in full beside the adapters (PEFT's ``modules_to_save``, pefttriton's
-:func:`pefttriton.surgery.modules_to_save`) cross both ways: imported, they hold the trained
+:func:`pefttriton.integration.surgery.modules_to_save`) cross both ways: imported, they hold the trained
 tensors of the chosen adapter, train and are recorded; exported, the recorded ones and the owner
 of any other trainable non-adapter parameter (a head unfrozen by hand) are written with their
 tensors, and ``task_type`` stays None, so PEFT wraps exactly those (a ``SEQ_CLS`` task type would
@@ -72,8 +72,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pefttriton.registry import adapter_of
-from pefttriton.surgery import (
+from pefttriton.adapters.registry import adapter_of
+from pefttriton.integration.surgery import (
     adapter_layers,
     add_modules_to_save,
     as_linear,
@@ -85,7 +85,7 @@ from pefttriton.surgery import (
     replace_module,
     wrap,
 )
-from pefttriton.vera import VeRAProjections
+from pefttriton.adapters.vera import VeRAProjections
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -186,7 +186,7 @@ def from_peft_model(peft_model: nn.Module, adapter_name: str = "default", *, pro
       ``Conv1D``, an embedding...);
     * a ``ModulesToSaveWrapper`` becomes its trained copy for ``adapter_name``
       (``modules_to_save[adapter_name]``), trainable and recorded with
-      :func:`pefttriton.surgery.add_modules_to_save`; one without that adapter becomes its
+      :func:`pefttriton.integration.surgery.add_modules_to_save`; one without that adapter becomes its
       original module.
 
     The checks run before the model changes: an unsupported or merged layer raises and leaves it
@@ -419,7 +419,7 @@ def load_peft_adapter(
     Returns:
         ``model``, with fused layers where the adapter has tensors; the modules named by the
         config's ``modules_to_save`` hold the stored tensors, train and are recorded
-        (:func:`pefttriton.surgery.modules_to_save`); everything else is frozen.
+        (:func:`pefttriton.integration.surgery.modules_to_save`); everything else is frozen.
 
     VeRA follows PEFT's ``save_projection``: true, the stored ``vera_A`` / ``vera_B`` are used
     and must be present; false, they are redrawn from ``projection_prng_key`` sized to the
@@ -536,7 +536,7 @@ def _pattern_key(name: str) -> str:
 def _export_modules_to_save(model: nn.Module, adapted: list[str]) -> list[str]:
     """Full names of the modules to save in PEFT's format (outermost only).
 
-    The recorded :func:`pefttriton.surgery.modules_to_save` plus the owning module of every
+    The recorded :func:`pefttriton.integration.surgery.modules_to_save` plus the owning module of every
     other trainable parameter that is not an adapter's (a head unfrozen by hand).
     """
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters().values()}
@@ -646,7 +646,7 @@ def to_peft_state_dict(model: nn.Module, *, save_projection: bool = True) -> tup
     Names (see the module docstring for PEFT's matching rules): ``target_modules`` is one regex
     that matches exactly the fused layers; ``rank_pattern`` / ``alpha_pattern`` keys match one
     layer each; ``modules_to_save`` names exactly the recorded modules to save
-    (:func:`pefttriton.surgery.modules_to_save`) and the owners of any other trainable
+    (:func:`pefttriton.integration.surgery.modules_to_save`) and the owners of any other trainable
     non-adapter parameter, whose ``state_dict()`` tensors are written as
     ``base_model.model.<module>.<key>`` in their own dtype. ``task_type`` stays None: then
     ``PeftModel.from_pretrained`` builds a plain ``PeftModel``, which wraps exactly those

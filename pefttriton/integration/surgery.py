@@ -25,9 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer
-from pefttriton.config import AdapterConfig
-from pefttriton.registry import get_adapter, layer_classes
+from pefttriton.adapters.adapter_layer import AdapterLayer
+from pefttriton.adapters.config import AdapterConfig
+from pefttriton.adapters.registry import get_adapter, layer_classes
 
 # ----------------------------------------------------------------------------- GPT-2's Conv1D
 
@@ -182,7 +182,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     When ``new`` is an adapter layer whose base weight the model also holds elsewhere (a tied
     ``lm_head``), this warns, as PEFT does, and records the other names in
     ``new.tied_weight_names``, so that merging leaves them unchanged
-    (:meth:`~pefttriton.adapter_layer.AdapterLayer.untie_before_merge`).
+    (:meth:`~pefttriton.adapters.adapter_layer.AdapterLayer.untie_before_merge`).
     """
     if name and isinstance(new, AdapterLayer):
         tied = tied_parameter_names(model, new.base_layer.weight, name)

@@ -1,8 +1,8 @@
 """The one place that knows which adapters exist: adapter name -> (config class, layer class).
 
 Injection, saving and loading, PEFT interop and the benchmarks read it. A new adapter is a layer
-class (a subclass of :class:`~pefttriton.adapter_layer.AdapterLayer`) and a config class (a
-subclass of :class:`~pefttriton.config.AdapterConfig` naming it), registered once::
+class (a subclass of :class:`~pefttriton.adapters.adapter_layer.AdapterLayer`) and a config class (a
+subclass of :class:`~pefttriton.adapters.config.AdapterConfig` naming it), registered once::
 
     pefttriton.register_adapter(MyConfig, MyLayer)
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer
-from pefttriton.config import AdapterConfig, DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
+from pefttriton.adapters.adapter_layer import AdapterLayer
+from pefttriton.adapters.config import AdapterConfig, DeepLoRAConfig, LoRAConfig, LoRMAConfig, VeRAConfig
 
 
 @dataclass(frozen=True)

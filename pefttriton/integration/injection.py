@@ -11,7 +11,7 @@ place, PEFT style::
     pefttriton.merge_and_unload(model)  # plain nn.Linear / Conv1D layers again, adapter folded in
 
 The rewiring itself (matching names, ``Conv1D``, tied weights, what trains) is
-:mod:`pefttriton.surgery`; which adapters exist is :mod:`pefttriton.registry`.
+:mod:`pefttriton.integration.surgery`; which adapters exist is :mod:`pefttriton.adapters.registry`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pefttriton.config import AdapterConfig
-from pefttriton.registry import get_adapter
-from pefttriton.surgery import (
+from pefttriton.adapters.config import AdapterConfig
+from pefttriton.adapters.registry import get_adapter
+from pefttriton.integration.surgery import (
     adapter_layers,
     add_modules_to_save,
     find_modules_to_save,
@@ -33,13 +33,13 @@ from pefttriton.surgery import (
     unwrap,
     wrap,
 )
-from pefttriton.vera import VeRAProjections
+from pefttriton.adapters.vera import VeRAProjections
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Replace the layers ``config.target_modules`` names by adapter layers, in place.
 
-    * Matching follows PEFT (:func:`pefttriton.surgery.matches`); a match must be an
+    * Matching follows PEFT (:func:`pefttriton.integration.surgery.matches`); a match must be an
       ``nn.Linear`` or GPT-2's ``Conv1D``.
     * Layers of one call share what the config builds once for all of them
       (``config.shared_layer_kwargs``): VeRA's projections, of rank ``config.r``, sized to the

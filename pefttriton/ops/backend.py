@@ -13,9 +13,9 @@ Strategies: the same math and the same save-little backward, computed four ways.
 * ``weight`` (PyTorch): ``W_eff = W + scale * (b * B)(d * A)`` formed once per call, one GEMM;
   float32 / float64 weights only (in 16 bits rounding ``W_eff`` loses a small adapter's effect).
 
-``auto`` (the default strategy) lets :mod:`pefttriton.strategy` choose per device, dtype and shape,
+``auto`` (the default strategy) lets :mod:`pefttriton.ops.strategy` choose per device, dtype and shape,
 by its cost model or, when enabled, by timing the candidates once
-(:func:`pefttriton.strategy.set_strategy_autotune`). The backend limits the candidates: ``torch``
+(:func:`pefttriton.ops.strategy.set_strategy_autotune`). The backend limits the candidates: ``torch``
 allows ``lean`` and ``weight``; ``triton`` allows ``fused`` and ``split``; ``auto`` allows all four on
 CUDA and the PyTorch ones elsewhere. A strategy named explicitly runs as named, except that a Triton
 strategy under the ``torch`` backend (or off CUDA without the interpreter) runs ``lean``, and float64
@@ -47,6 +47,7 @@ from collections.abc import Iterator
 import torch
 
 from pefttriton.kernels import launch
+from pefttriton.ops import strategy as chooser
 
 BACKENDS = ("auto", "triton", "torch")
 STRATEGIES = ("auto", "fused", "split", "lean", "weight")
@@ -204,12 +205,13 @@ def candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
 
 
 def resolve_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] | None = None,
-                 trains: str = "vectors") -> str:
+                 trains: str = "vectors", timer: chooser.Timer | None = None) -> str:
     """What computes a fused op on tensors of ``device`` and ``dtype`` now: one of :data:`PATHS`.
 
     ``shape`` is (tokens, in_features, out_features, rank) and ``trains`` what needs gradients
-    (:func:`pefttriton.strategy.choose`'s argument); both matter only to the ``auto`` strategy, which
-    takes the cheapest candidate (:func:`candidates`) by cost model or measurement.
+    (:func:`pefttriton.ops.strategy.choose`'s argument); both matter only to the ``auto`` strategy, which
+    takes the cheapest candidate (:func:`candidates`) by cost model or measurement (with ``timer``,
+    which the calling op passes, to time a candidate).
 
     Raises:
         RuntimeError: the triton backend was asked for on a CPU tensor without the interpreter.
@@ -218,9 +220,7 @@ def resolve_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int
     allowed = candidates(device, dtype)
     strategy = get_strategy()
     if strategy == "auto":
-        from pefttriton import strategy as chooser  # noqa: PLC0415 - the chooser times the ops
-
-        return chooser.choose(device, dtype, shape, trains, allowed)
+        return chooser.choose(device, dtype, shape, trains, allowed, timer)
     if strategy == "weight" and dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"strategy 'weight' needs float32 or float64 tensors, got {dtype}: rounding W + delta W to 16 "

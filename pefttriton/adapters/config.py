@@ -31,11 +31,11 @@ from typing import ClassVar
 
 import torch
 
-from pefttriton.adapter_layer import AdapterLayer, check_finite
-from pefttriton.deep_lora import FusedDeepLoRALinear
-from pefttriton.lora import FusedLoRALinear
-from pefttriton.lorma import FusedLoRMALinear
-from pefttriton.vera import FusedVeRALinear, VeRAProjections
+from pefttriton.adapters.adapter_layer import AdapterLayer, check_finite
+from pefttriton.adapters.deep_lora import FusedDeepLoRALinear
+from pefttriton.adapters.lora import FusedLoRALinear
+from pefttriton.adapters.lorma import FusedLoRMALinear
+from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -200,8 +200,8 @@ class DeepLoRAConfig(AdapterConfig):
         modules_to_save: modules that train in full beside the adapters (a classification head).
         eps: initialisation scale (the authors' 1e-3).
 
-    After :func:`pefttriton.inject`, run :func:`pefttriton.deep_lora.compress_init` for the
-    paper's initialisation and use :func:`pefttriton.deep_lora.discrepant_param_groups`.
+    After :func:`pefttriton.inject`, run :func:`pefttriton.adapters.deep_lora.compress_init` for the
+    paper's initialisation and use :func:`pefttriton.adapters.deep_lora.discrepant_param_groups`.
     """
 
     eps: float = layer_default(FusedDeepLoRALinear, "eps")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
+from pefttriton.adapters.adapter_layer import AdapterLayer, LowRank, check_finite
 from pefttriton.ops.validation import check_x_and_weight
 from pefttriton.ops.lorma_pi import lorma_pi_linear, pi_extra_macs, pi_order, shift_product
 
@@ -57,7 +57,7 @@ class FusedLoRMALinear(AdapterLayer):
         alpha: scaling numerator, ``s = alpha / r`` (> 0).
         variant: ``"plus"`` (``T = I + s B A``), ``"pi"`` (``T = s shift(B A)``) or ``"naive"``
             (``T = s B A``); see the module docstring.
-        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
+        fan_in_fan_out: see :class:`~pefttriton.adapters.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lorma_A`` (r, out_features) and ``lorma_B`` (out_features, r), float32
     (float64 for a float64 base layer). Inputs must have the base layer's dtype.

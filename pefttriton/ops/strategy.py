@@ -1,6 +1,6 @@
 """How the ``auto`` strategy picks a path: a cost model, or (opt in) a measurement cached per shape.
 
-Every path of :data:`pefttriton.backend.PATHS` does the same math; they differ in how many flops
+Every path of :data:`pefttriton.ops.backend.PATHS` does the same math; they differ in how many flops
 they spend, how many bytes they move and how fast the GEMMs that do the flops run:
 
 * ``fused`` / ``split``: Triton GEMMs for the concatenated K loop (``split``: cuBLAS for the base
@@ -26,13 +26,18 @@ run (``python -m bench.gpu_check``) exists; until then prefer the measured autot
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import statistics
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from pefttriton.kernels import launch
+
+# Seconds of one call of a path: timer(path, device, dtype, shape, trains), given by the op being chosen for.
+Timer = Callable[[str, torch.device, torch.dtype, tuple, str], float]
 
 # What needs a gradient in a call: the input, the low-rank factors A / B, the vectors d / b.
 TRAINS = ("none", "vectors", "factors", "all")
@@ -140,7 +145,7 @@ def estimate(path: str, device: torch.device, dtype: torch.dtype, shape: tuple[i
     """
     model = device_model(device)
     size = torch.empty((), dtype=dtype).element_size()
-    key = "tf32" if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    key = "tf32" if dtype == torch.float32 and device.type == "cuda" and launch.tf32_allowed() else dtype
     peak = model.flops.get(key, model.flops[torch.float32])
     efficiency = {"blas": 1.0, "triton": model.triton_gemm, "lowrank_grad": model.triton_lowrank_grad}
     total = 0.0
@@ -163,8 +168,12 @@ def set_strategy_autotune(enabled: bool) -> None:
 
     Like ``torch.backends.cudnn.benchmark``: the first eager call of a new (device, dtype, token
     bucket, in, out, rank, what trains) runs each allowed path a few times on random inputs of that
-    shape (forward and backward), and every later call of that bucket takes the fastest. Calls
-    inside ``torch.compile`` use the cached choice or the cost model.
+    shape (forward and backward), and every later call of that bucket takes the fastest. The timing
+    runs in a thread of its own, before the call's forward saves anything, so activation
+    checkpointing (which compares what the forward and its recompute save) sees the same op in both
+    passes. Calls inside ``torch.compile`` or while a CUDA graph is being captured never time: they
+    take a cached choice or the cost model's (:func:`pefttriton.warmup` before capturing measures
+    the shapes a graph will hold).
     """
     global _autotune
     if not isinstance(enabled, bool):
@@ -194,48 +203,47 @@ def token_bucket(tokens: int) -> int:
     return max(16, 1 << max(0, int(tokens) - 1).bit_length())
 
 
-def _time_path(path: str, device, dtype, shape, trains, reps: int = 3) -> float:
-    from pefttriton.backend import use_strategy  # noqa: PLC0415
-    from pefttriton.ops.lowrank_linear import lowrank_linear  # noqa: PLC0415
+def _can_time(device: torch.device) -> bool:
+    """Whether a measurement may run now: not while compiling, and not while the current CUDA
+    stream is capturing a graph (``torch.cuda.graph``, ``mode="reduce-overhead"``), where
+    synchronising or allocating for a timing run fails the capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
-    N, n, m, r = shape
-    need_x, need_factors, need_vectors = _needs(trains)
-    gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def make(*size, grad=False):
-        t = (torch.randn(size, generator=gen) / max(1, size[-1]) ** 0.5).to(device=device, dtype=dtype)
-        return t.requires_grad_(grad)
+def _measure(timer: Timer, allowed: tuple[str, ...], device, dtype, shape, trains) -> dict[str, float]:
+    """``{path: seconds}`` for each allowed path, timed in a thread of its own that runs in a copy
+    of the caller's context (its backend choice): the caller's saved-tensor hooks (activation
+    checkpointing), autocast and grad mode are thread-local and stay out of the timing runs, so a
+    checkpointed forward saves exactly what its recompute saves."""
+    context = contextvars.copy_context()
+    times: dict[str, float] = {}
+    failure: list[BaseException] = []
 
-    x = make(N, n, grad=need_x)
-    weight, bias = make(m, n), make(m)
-    A, B = make(r, n, grad=need_factors), make(m, r, grad=need_factors)
-    d, b = make(r, grad=need_vectors), make(m, grad=need_vectors)
-    training = trains != "none"
+    def run() -> None:
+        try:
+            for path in allowed:
+                times[path] = context.run(timer, path, device, dtype, shape, trains)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            failure.append(exc)
 
-    def once():
-        with use_strategy(path), torch.set_grad_enabled(training):
-            y = lowrank_linear(x, weight, bias, A, B, d, b, 0.5)
-            if training:
-                y.backward(torch.ones_like(y))
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    once()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        once()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    worker = threading.Thread(target=run, name="pefttriton-strategy-autotune")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return times
 
 
 def choose(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] | None,
-           trains: str, allowed: tuple[str, ...]) -> str:
-    """The path ``auto`` takes among ``allowed`` for a call of ``shape`` (None: unknown)."""
+           trains: str, allowed: tuple[str, ...], timer: Timer | None = None) -> str:
+    """The path ``auto`` takes among ``allowed`` for a call of ``shape`` (None: unknown).
+
+    ``timer(path, device, dtype, shape, trains)`` returns the seconds one call of ``path`` takes;
+    the op being chosen for passes it, and it is used when :func:`set_strategy_autotune` is on and
+    a measurement may run (:func:`_can_time`). Otherwise the cost model decides.
+    """
     if len(allowed) == 1:
         return allowed[0]
     if device.type != "cuda" and set(allowed) == {"fused", "split"}:
@@ -247,13 +255,13 @@ def choose(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int,
     with _lock:
         if key in _cache:
             return _cache[key]
-    if _autotune and not torch.compiler.is_compiling() and N > 0:
-        times = {path: _time_path(path, device, dtype, shape, trains) for path in allowed}
+    if _autotune and timer is not None and N > 0 and _can_time(device):
+        times = _measure(timer, allowed, device, dtype, shape, trains)
         best = min(times, key=times.get)
         with _lock:
             _cache[key] = best
         return best
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = device.type == "cuda" and launch.tf32_allowed()
     return _cheapest(device.type, dtype, tuple(shape), trains, allowed, tf32)
 
 

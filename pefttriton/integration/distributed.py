@@ -44,9 +44,9 @@ import warnings
 import torch
 from torch import nn
 
-from pefttriton.save import _META_KEY, _PROJECTIONS_PREFIX, FORMAT_VERSION, _redrawn_equal, adapter_checkpoint
-from pefttriton.surgery import adapter_layers, add_modules_to_save, has_submodule
-from pefttriton.vera import VeRAProjections
+from pefttriton.integration.save import _META_KEY, _PROJECTIONS_PREFIX, FORMAT_VERSION, _redrawn_equal, adapter_checkpoint
+from pefttriton.integration.surgery import adapter_layers, add_modules_to_save, has_submodule
+from pefttriton.adapters.vera import VeRAProjections
 
 METADATA_FILE = "pefttriton_adapter.json"
 """Name of the metadata file inside a sharded adapter checkpoint directory."""
@@ -121,7 +121,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_metadata(model: nn.Module) -> dict:
-    """The JSON metadata of the checkpoint: :func:`pefttriton.save.adapter_checkpoint`'s, with the
+    """The JSON metadata of the checkpoint: :func:`pefttriton.integration.save.adapter_checkpoint`'s, with the
     names wrappers insert left out."""
     return adapter_checkpoint(_bare_model(model), bare_name)[1]
 

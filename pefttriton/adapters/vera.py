@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
+from pefttriton.adapters.adapter_layer import AdapterLayer, LowRank, check_finite
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -110,7 +110,7 @@ class FusedVeRALinear(AdapterLayer):
             layer starts exactly at the base layer).
         projections: a :class:`VeRAProjections` shared with other layers; made from
             ``projection_seed`` and this layer's shape when None.
-        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
+        fan_in_fan_out: see :class:`~pefttriton.adapters.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lambda_d`` (r,) and ``lambda_b`` (out_features,), float32 (float64
     for a float64 base layer). Engine: ``A``, ``B`` the projection slices, ``d = lambda_d``,

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of pefttriton for real GPUs, on any machine, and report its resources.
 
-    python -m pefttriton.kernel_report [--targets 80,90] [--dtypes fp16,bf16,fp32] [--json FILE]
+    python -m pefttriton.tools.kernel_report [--targets 80,90] [--dtypes fp16,bf16,fp32] [--json FILE]
 
 Triton compiles ahead of time for a named target without a GPU: ``triton.compile`` turns each
 kernel, at each shipped autotune config and each way the ops launch it, into a cubin for sm_80

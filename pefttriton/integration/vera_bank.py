@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pefttriton.config import VeRAConfig
+from pefttriton.adapters.config import VeRAConfig
 from pefttriton.ops.validation import check_base_and_rank
 from pefttriton.ops.vera_bank import (
     INTEGER_DTYPES,
@@ -39,10 +39,10 @@ from pefttriton.ops.vera_bank import (
     check_adapter_ids,
     vera_bank_linear,
 )
-from pefttriton.peft_interop import read_peft_checkpoint
-from pefttriton.save import read_adapter
-from pefttriton.surgery import as_linear, find_targets, matches, replace_module
-from pefttriton.vera import FusedVeRALinear, VeRAProjections, layer_projections
+from pefttriton.integration.peft_interop import read_peft_checkpoint
+from pefttriton.integration.save import read_adapter
+from pefttriton.integration.surgery import as_linear, find_targets, matches, replace_module
+from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections, layer_projections
 
 # Ids set by :func:`adapter_ids` for the banks of a model: {id(bank): (ids, (smallest, largest) id)}.
 _ACTIVE_IDS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
@@ -57,8 +57,8 @@ class VeRABank(nn.Module):
         base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
         r: VeRA rank of every adapter of the bank.
         projection_seed: seed of the shared projections when this layer makes its own.
-        projections: a :class:`~pefttriton.vera.VeRAProjections` shared with other layers (as
-            :class:`~pefttriton.vera.FusedVeRALinear` takes it); made from ``projection_seed`` and this
+        projections: a :class:`~pefttriton.adapters.vera.VeRAProjections` shared with other layers (as
+            :class:`~pefttriton.adapters.vera.FusedVeRALinear` takes it); made from ``projection_seed`` and this
             layer's shape when None.
         fan_in_fan_out: the layer stands for GPT-2's ``Conv1D`` (recorded only).
 
@@ -261,7 +261,7 @@ class VeRABank(nn.Module):
             if entry is None:
                 raise ValueError(
                     "no adapter ids for this VeRABank: pass adapter_ids=..., or run the model inside "
-                    "`with pefttriton.vera_bank.adapter_ids(model, ids):` (-1 selects the base model)"
+                    "`with pefttriton.integration.vera_bank.adapter_ids(model, ids):` (-1 selects the base model)"
                 )
             ids, id_range = entry  # checked when the block was entered
             ids = _broadcast_context_ids(ids.to(x.device), x)
@@ -319,7 +319,7 @@ def inject_banks(
     """Replace the layers ``target_modules`` names by empty :class:`VeRABank` s, in place; returns ``model``.
 
     Targets are matched as :func:`pefttriton.inject` matches them (PEFT's rule), and the banks share
-    one :class:`~pefttriton.vera.VeRAProjections` of rank ``r`` sized to the largest in- and
+    one :class:`~pefttriton.adapters.vera.VeRAProjections` of rank ``r`` sized to the largest in- and
     out-features among them, drawn from ``projection_seed``: exactly the projections
     ``pefttriton.inject(model, VeRAConfig(r, target_modules, projection_seed=...))`` and PEFT's
     ``VeraConfig(r, target_modules, projection_prng_key=...)`` use, so their adapters load into the banks.
@@ -342,7 +342,7 @@ def inject_banks(
 
 
 def to_banks(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Replace every :class:`~pefttriton.vera.FusedVeRALinear` of ``model`` (``pefttriton.inject`` with a
+    """Replace every :class:`~pefttriton.adapters.vera.FusedVeRALinear` of ``model`` (``pefttriton.inject`` with a
     :class:`~pefttriton.VeRAConfig`, or a loaded adapter) by a :class:`VeRABank` with the same base
     layer and projections, in place; returns ``model``. With ``adapter_name``, each bank holds its
     layer's adapter under that name (id 0); merged layers are unmerged first."""
@@ -372,7 +372,7 @@ def _projection_mismatch(bank: VeRABank, seed: int, r: int, max_in: int, max_out
 def _read_peft(path: Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict, tuple, tuple]:
     """``({layer: (lambda_d, lambda_b)}, (seed, r, max_in, max_out), (stored A, B) or (None, None))``
     of a PEFT VeRA checkpoint directory (keys ``base_model.model.<layer>.vera_lambda_d`` / ``_b``,
-    shared ``base_model.vera_A`` / ``vera_B``: see :mod:`pefttriton.peft_interop`)."""
+    shared ``base_model.vera_A`` / ``vera_B``: see :mod:`pefttriton.integration.peft_interop`)."""
     state, cfg = read_peft_checkpoint(path)
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "VERA":

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer, LowRank
+from pefttriton.adapters.adapter_layer import AdapterLayer, LowRank
 
 DEFAULT_EPS = 1e-3
 """Initialisation scale: the authors' ``lora_init_scale`` (dlt/configs.py and every script)."""
@@ -151,7 +151,7 @@ class FusedDeepLoRALinear(AdapterLayer):
         base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
         r: compressed width (the authors use 8).
         eps: initialisation scale (:data:`DEFAULT_EPS` = 1e-3, the authors' value).
-        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
+        fan_in_fan_out: see :class:`~pefttriton.adapters.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``W1`` (r, in_features), ``W2`` (r, r), ``W3`` (out_features, r), float32
     (float64 for a float64 base layer): ``r^2`` more than LoRA of the same rank. Engine:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer, LowRank, check_finite
+from pefttriton.adapters.adapter_layer import AdapterLayer, LowRank, check_finite
 from pefttriton.ops.validation import check_x_and_weight
 
 
@@ -39,7 +39,7 @@ class FusedLoRALinear(AdapterLayer):
         alpha: LoRA alpha; the adapter is scaled by ``scale = alpha / r`` (PEFT's default 8).
         dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
         use_rslora: ``scale = alpha / sqrt(r)`` instead (rank-stabilised LoRA, PEFT's ``use_rslora``).
-        fan_in_fan_out: see :class:`~pefttriton.adapter_layer.AdapterLayer`.
+        fan_in_fan_out: see :class:`~pefttriton.adapters.adapter_layer.AdapterLayer`.
 
     Trainable parameters: ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r), float32
     (float64 for a float64 base layer); they are cast to the base layer's dtype for the op.

@@ -12,7 +12,7 @@
 * in the safetensors metadata (key ``"pefttriton"``, JSON): per adapter layer its adapter type,
   rank, settings (``"kwargs"``: the layer class's ``settings``, e.g. LoRA ``alpha``, ``dropout``,
   ``use_rslora``), its merged flag and whether it came from GPT-2's ``Conv1D``; which saved
-  tensors train; and the model's modules to save (:func:`pefttriton.surgery.modules_to_save`),
+  tensors train; and the model's modules to save (:func:`pefttriton.integration.surgery.modules_to_save`),
   recorded again on load.
 
 Frozen base weights are not saved: :func:`load_adapter` applies the file to a model built the same
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pefttriton.adapter_layer import AdapterLayer
-from pefttriton.registry import adapter_of, adapters, get_adapter
-from pefttriton.surgery import (
+from pefttriton.adapters.adapter_layer import AdapterLayer
+from pefttriton.adapters.registry import adapter_of, adapters, get_adapter
+from pefttriton.integration.surgery import (
     adapter_layers,
     add_modules_to_save,
     build_layer,
@@ -49,7 +49,7 @@ from pefttriton.surgery import (
     modules_to_save,
     wrap,
 )
-from pefttriton.vera import VeRAProjections
+from pefttriton.adapters.vera import VeRAProjections
 
 FORMAT_VERSION = 1
 _META_KEY = "pefttriton"

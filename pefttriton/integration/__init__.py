@@ -1,0 +1,1 @@
+"""Integration: the one place that rewires models, injection, checkpoints, PEFT interop and acceleration, distributed checkpoints, VeRA banks."""
