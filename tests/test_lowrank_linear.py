@@ -537,13 +537,23 @@ def test_measured_autotune_times_once_per_bucket_and_keeps_the_fastest(gen, monk
     assert key[3] == 128 and key[-2] == "vectors"
 
 
-def test_measured_autotune_really_times(gen):
-    """Without stubs: the measurement runs each allowed path and caches a real choice."""
+def test_measured_autotune_really_times(gen, monkeypatch):
+    """Without stubs: the measurement runs each allowed path and caches the fastest it measured."""
+    engine = importlib.import_module("pefttriton.ops.lowrank_linear")
+    measured = {}
+    real = engine.time_path
+
+    def recording(path, *args, **kwargs):
+        measured[path] = real(path, *args, **kwargs)
+        return measured[path]
+
+    monkeypatch.setattr(engine, "time_path", recording)
     pefttriton.set_strategy_autotune(True)
     t = make_inputs(gen, 33, 6, 5, 3, requires_grad=("x", "A", "B"))
     lowrank_linear(*[t[k] for k in NAMES]).sum().backward()
     (key, path), = pefttriton.strategy_cache().items()
-    assert path in ("lean", "weight") and key[-2] == "factors"
+    assert sorted(measured) == ["lean", "weight"] and key[-2] == "factors"
+    assert path == min(measured, key=measured.get) == pefttriton.last_path()
     with pytest.raises(TypeError, match="enabled must be a bool"):
         pefttriton.set_strategy_autotune("yes")
 
@@ -571,3 +581,90 @@ def test_custom_op_passes_opcheck_on_every_torch_path(gen, path):
     ops = importlib.import_module("pefttriton.ops.lowrank_linear")  # the package exports the function
     t = make_inputs(gen, 6, 5, 7, 2, lead=(2, 3), requires_grad=("x", "A", "d", "b"))
     torch.library.opcheck(ops._lowrank_linear_fwd, (*[t[k] for k in NAMES], 0.5, path))
+
+
+# ------------------------------------------------------------------------ the cost model
+
+
+def _hand_flops(path: str, trains: str, shape) -> int:
+    """Flops of one call written out by hand from the formulas (2 M N K per product), independently
+    of the cost model's table of products."""
+    T, n, m, r = shape
+    x_grad = trains != "none"
+    factors, vectors = trains in ("factors", "all"), trains in ("vectors", "all")
+    if path == "weight":
+        fwd = 2 * m * r * n + 2 * T * m * n + (2 * T * r * n if factors or vectors else 0)
+    else:
+        fwd = 2 * T * r * n + 2 * T * m * n + 2 * T * m * r
+    if not x_grad:
+        return fwd
+    bwd = 2 * T * m * r if (path != "weight" or factors) else 0  # (b * g) B, for gh and grad_d
+    bwd += 2 * m * r * T  # P = g^T (x A^T), for grad_B / grad_d / grad_b (x trains in every case here)
+    if factors:
+        bwd += 2 * r * n * T  # grad_A = gh^T x
+    bwd += 2 * m * r * n + 2 * T * n * m if path == "weight" else 2 * T * n * m + 2 * T * n * r  # grad_x
+    return fwd + bwd
+
+
+@pytest.mark.parametrize("trains", ["none", "vectors", "factors", "all"])
+@pytest.mark.parametrize("path", ["lean", "weight", "fused", "split"])
+def test_cost_model_counts_the_flops_of_each_path(path, trains):
+    """The products the cost model charges add up to the hand-written flop count of each path and
+    each case of what trains (a wrong entry of its table would change the choices unnoticed).
+    (Triton paths: the low-rank gradients by BLAS; the kernel replaces two products by one pass.)"""
+    from pefttriton.ops import strategy as chooser
+
+    shape = (300, 70, 50, 6)
+    products = chooser._gemms(path, shape, trains, sixteen_bit=False, grad_kernel=False)
+    assert sum(2 * M * N * K for M, N, K, _, _ in products) == _hand_flops(path, trains, shape)
+    if path in ("fused", "split") and trains != "none":
+        kernel = chooser._gemms(path, shape, trains, sixteen_bit=False, grad_kernel=True)
+        assert [p for p in kernel if p[3] == "lowrank_grad"] == [(300, 6, 50, "lowrank_grad", 0)]
+
+
+def test_device_models_and_the_low_rank_backward_choice(monkeypatch):
+    """H100 and H200 are told apart by name, another GPU is scaled by its SM count; the Triton paths'
+    low-rank backward takes BLAS where the latency-bound kernel loses, the kernel where it wins."""
+    from dataclasses import replace
+
+    from pefttriton.ops import strategy as chooser
+
+    assert chooser._cuda_model("NVIDIA H200", 132) is chooser.H200
+    assert chooser._cuda_model("NVIDIA H100 80GB HBM3", 132) is chooser.H100
+    assert chooser._cuda_model("NVIDIA H100 PCIe", 114).sms == 114
+    a100 = chooser._cuda_model("NVIDIA A100-SXM4-80GB", 108)
+    assert a100.sms == 108 and a100.flops["bf16"] < chooser.H100.flops["bf16"] and not a100.measured
+    assert chooser.H200.bandwidth > chooser.H100.bandwidth
+    # the kernel's latency model: 8192 tokens, 4096 out, r = 16: 128 programs (one wave), 256 steps
+    assert chooser.grad_kernel_seconds(chooser.H100, 8192, 4096, 16) == pytest.approx(256 * chooser.H100.grad_step + chooser.H100.launch)
+    assert chooser.grad_kernel_seconds(chooser.H100, 8192, 4096, 256) == pytest.approx(4 * 256 * chooser.H100.grad_step + chooser.H100.launch)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # model the GPU from this machine
+    for shape, trains in (((8192, 4096, 4096, 16), "factors"), ((8192, 4096, 4096, 256), "vectors")):
+        assert chooser.lowrank_backward(cuda, torch.bfloat16, shape, trains) == "blas"
+        assert chooser.estimate("fused", cuda, torch.bfloat16, shape, trains) == min(
+            chooser.estimate("fused", cuda, torch.bfloat16, shape, trains, way) for way in ("kernel", "blas"))
+    fast = replace(chooser.H100, grad_step=1e-9)  # a kernel that is not latency-bound wins: one pass over g
+    monkeypatch.setattr(chooser, "H100", fast)
+    chooser.clear_strategy_cache()
+    assert chooser.lowrank_backward(cuda, torch.bfloat16, (8192, 4096, 4096, 256), "vectors") == "kernel"
+    with chooser.use_lowrank_backward("blas"):
+        assert chooser.lowrank_backward(cuda, torch.bfloat16, (8192, 4096, 4096, 256), "vectors") == "blas"
+    with pytest.raises(ValueError, match="lowrank backward must be one of"):
+        chooser.use_lowrank_backward("cublas").__enter__()
+
+
+@pytest.mark.parametrize("way", ["kernel", "blas"])
+@pytest.mark.parametrize("name", ["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("adapter", ["vera", "lora", "all"])
+def test_triton_paths_with_either_low_rank_backward(gen, way, name, dtype, adapter):
+    """The Triton paths' backward computes the low-rank gradients with the kernel or with BLAS: both
+    equal float64, for VeRA (d, b), LoRA (A, B) and everything training at once."""
+    from pefttriton.ops import strategy as chooser
+
+    grads = {"vera": ("x", "d", "b"), "lora": ("x", "A", "B"), "all": ("x", "weight", "bias", "A", "B", "d", "b")}[adapter]
+    t = make_inputs(gen, 37, 23, 29, 5, dtype=dtype, d=adapter != "lora", b=adapter != "lora", requires_grad=grads)
+    with pefttriton.use_backend("triton"), pefttriton.use_strategy(name), chooser.use_lowrank_backward(way):
+        check_against_reference(t, scale=0.7, tol=TOL[dtype], gen=gen)
+        assert pefttriton.last_path() == name

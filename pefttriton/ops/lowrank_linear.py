@@ -18,6 +18,7 @@ import time
 import torch
 from torch import Tensor
 
+from pefttriton.ops import strategy as chooser
 from pefttriton.ops.backend import record_path, resolve_path, use_strategy
 from pefttriton.kernels import lowrank_linear as kernels
 from pefttriton.kernels.launch import acc_dtype
@@ -239,22 +240,34 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
 
 
 def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
+    """Backward of the fused and split strategies. The low-rank gradients (``gh``, ``grad_d``,
+    ``grad_b``) come from the Triton kernel that reads ``g`` once, or from the BLAS products the
+    lean strategy uses where the cost model says the kernel loses (it is latency-bound at small
+    ranks and token counts: :func:`pefttriton.ops.strategy.lowrank_backward`)."""
     need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
     g = g.contiguous()
-    # The kernel's two 16-bit products, (b * g) B and h B^T for grad_b, see B scaled by scale_B
-    # and h = d * (x A^T) by scale_h (split_scale): their results are the full-scale ones.
-    scale_h, scale_B = split_scale(scale)
-    gh, grad_d, grad_b = kernels.lowrank_grads(
-        g, xa, _scaled_B(B, scale_B), d, b, scale_h, need_grad_d=need_d, need_grad_b=need_b
-    )
+    trains = "all" if (need_A or need_B) and (need_d or need_b) else "factors" if need_A or need_B else "vectors"
+    way = chooser.lowrank_backward(g.device, g.dtype, (g.shape[0], weight.shape[1], weight.shape[0], A.shape[0]), trains)
     grads = dict.fromkeys(_GRAD_NAMES)
-    grads["d"], grads["b"] = grad_d, grad_b
+    if way == "kernel":
+        # The kernel's two 16-bit products, (b * g) B and h B^T for grad_b, see B scaled by scale_B
+        # and h = d * (x A^T) by scale_h (split_scale): their results are the full-scale ones.
+        scale_h, scale_B = split_scale(scale)
+        gh, grads["d"], grads["b"] = kernels.lowrank_grads(
+            g, xa, _scaled_B(B, scale_B), d, b, scale_h, need_grad_d=need_d, need_grad_b=need_b
+        )
+    else:
+        gb = gh = None
+        if need_x or need_A or need_d:
+            gb = mm_acc(g, _up(B, b, xa.dtype).to(g.dtype))  # (b * g) B, (N, r), as lean computes it
+            gh = gb * _rank_scale(d, scale, A.shape[0], xa)
+        _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (need_B, need_d, need_b), gb)
     if need_x and split:
         grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
     elif need_x:
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
         grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T)
-    if need_B:
+    if need_B and way == "kernel":
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:
         grads["A"] = mm_acc(gh.to(g.dtype).T, x) if g.dtype != gh.dtype else gh.T @ x
