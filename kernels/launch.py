@@ -6,7 +6,8 @@
 * The precision policy: :func:`acc_dtype`, :func:`input_precision` (IEEE fp32 dots unless PyTorch's
   own fp32 matmuls may use TF32: :func:`tf32_allowed`, :func:`allow_tf32`) and :func:`dot_in_fp32`
   (the interpreter's bf16 dot is broken).
-* :func:`on_device`: the launch runs on the tensor's CUDA device (``cuda:1`` etc.), not the current one.
+* :func:`on_device`: the launch runs on the tensor's CUDA device (``cuda:1`` etc.), not the current one;
+  :func:`run_tuned` launches an autotuned kernel there, without benchmarking inside a CUDA-graph capture.
 * :func:`contiguous_vector`: kernels read (n,) vectors as ``ptr + offs``.
 * :func:`grouped_program_ids`: the Triton tutorial's grouped ordering of output tiles.
 * GEMM autotuning: :func:`gemm_config` (one tile config), :func:`gemm_family` (which list of configs
@@ -84,6 +85,40 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 def on_device(t: torch.Tensor):
     """Context of a launch on ``t``'s device: Triton launches on the current CUDA device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is CUDA and its current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# (kernel, key values, argument dtypes) -> the config the autotuner chose for that key, recorded at
+# every launch outside a capture (read only inside one).
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def run_tuned(kernel, grid, on: torch.Tensor, *args, prune=None, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune`` kernel, on ``on``'s device.
+
+    While that device's stream captures a CUDA graph (``torch.cuda.graph``, ``torch.compile``'s
+    ``mode="reduce-overhead"``) the autotuner must not benchmark a new key (timing synchronises,
+    which fails the capture). There the launch skips the autotuner: it takes the config the
+    autotuner chose for the same key before (``pefttriton.warmup`` runs a model ahead of capturing
+    for that), or, for a key never seen, the first config ``prune`` (the kernel's
+    ``early_config_prune``) keeps: correct, perhaps slower than the tuned one.
+    """
+    named = dict(zip(kernel.arg_names, args))
+    key = (id(kernel), *(named.get(k, kwargs.get(k)) for k in kernel.keys),
+           *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    with on_device(on):
+        if not capturing(on):
+            out = kernel[grid](*args, **kwargs)
+            _TUNED[key] = kernel.best_config
+            return out
+        config = _TUNED.get(key)
+        if config is None:
+            config = (kernel.configs if prune is None else prune(kernel.configs, named, **kwargs))[0]
+        return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def contiguous_vector(v: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pefttriton.kernels.launch import INTERPRET, acc_dtype, grouped_program_ids, input_precision, on_device
+from pefttriton.kernels.launch import INTERPRET, acc_dtype, grouped_program_ids, input_precision, run_tuned
 
 
 def _config(warps, stages, **blocks):
@@ -236,12 +236,11 @@ def shift_product(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tenso
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)
 
-    with on_device(out):
-        _shift_product_kernel[grid](
-            B, A, out, m, r, float(scale),
-            B.stride(0), B.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-            INPUT_PRECISION=input_precision(out.dtype), GROUP_M=8,
-        )
+    run_tuned(
+        _shift_product_kernel, grid, out, B, A, out, m, r, float(scale),
+        B.stride(0), B.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+        INPUT_PRECISION=input_precision(out.dtype), GROUP_M=8,
+    )
     return out
 
 
@@ -281,12 +280,11 @@ def shift_product_grads(
         splits = triton.cdiv(m, chunk) if m else 1
         part = torch.empty((splits, m, r), device=G.device, dtype=acc)
         if m > 0:
-            with on_device(part):
-                _shift_grad_b_kernel[(out_blocks, r_blocks, splits)](
-                    G, A, part, m, r, chunk, float(scale),
-                    G.stride(0), G.stride(1), A.stride(0), A.stride(1), part.stride(0), part.stride(1), part.stride(2),
-                    INPUT_PRECISION=precision, BLOCK_M=GRAD_OUT_BLOCK,
-                )
+            run_tuned(
+                _shift_grad_b_kernel, (out_blocks, r_blocks, splits), part, G, A, part, m, r, chunk, float(scale),
+                G.stride(0), G.stride(1), A.stride(0), A.stride(1), part.stride(0), part.stride(1), part.stride(2),
+                INPUT_PRECISION=precision, BLOCK_M=GRAD_OUT_BLOCK, prune=_prune_by_rank,
+            )
         grad_B = part[0] if splits == 1 else part.sum(0)
     if need_A:
         out_blocks = triton.cdiv(m, GRAD_OUT_BLOCK)
@@ -294,11 +292,10 @@ def shift_product_grads(
         splits = triton.cdiv(m, chunk) if m else 1
         part = torch.empty((splits, r, m), device=G.device, dtype=acc)
         if m > 0:
-            with on_device(part):
-                _shift_grad_a_kernel[(out_blocks, r_blocks, splits)](
-                    G, B, part, m, r, chunk, float(scale),
-                    G.stride(0), G.stride(1), B.stride(0), B.stride(1), part.stride(0), part.stride(1), part.stride(2),
-                    INPUT_PRECISION=precision, BLOCK_N=GRAD_OUT_BLOCK,
-                )
+            run_tuned(
+                _shift_grad_a_kernel, (out_blocks, r_blocks, splits), part, G, B, part, m, r, chunk, float(scale),
+                G.stride(0), G.stride(1), B.stride(0), B.stride(1), part.stride(0), part.stride(1), part.stride(2),
+                INPUT_PRECISION=precision, BLOCK_N=GRAD_OUT_BLOCK, prune=_prune_by_rank,
+            )
         grad_A = part[0] if splits == 1 else part.sum(0)
     return grad_B, grad_A

@@ -33,7 +33,7 @@ from pefttriton.kernels.launch import (
     grouped_program_ids,
     input_precision,
     m_bucket,
-    on_device,
+    run_tuned,
 )
 
 
@@ -281,18 +281,18 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None):
 
     c_ = c if accumulate else y
     kernel = _fused_gemm_accumulate_kernel if accumulate and c is y else _fused_gemm_kernel
-    with on_device(y):
-        kernel[grid](
-            x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
-            bvec if bvec is not None else dummy, c_, y,
-            M, N, K, R, float(scale), m_bucket(M),
-            x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
-            h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
-            c_.stride(0), c_.stride(1), y.stride(0), y.stride(1),
-            HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
-            HAS_BVEC=bvec is not None, ACCUMULATE=accumulate, C_IS_Y=c_ is y,
-            INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
-        )
+    run_tuned(
+        kernel, grid, y, x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
+        bvec if bvec is not None else dummy, c_, y,
+        M, N, K, R, float(scale), m_bucket(M),
+        x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
+        h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
+        c_.stride(0), c_.stride(1), y.stride(0), y.stride(1),
+        HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
+        HAS_BVEC=bvec is not None, ACCUMULATE=accumulate, C_IS_Y=c_ is y,
+        INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
+        prune=_prune_gemm_configs,
+    )
     return y
 
 
@@ -367,17 +367,17 @@ def lowrank_grads(
     grad_b_part = torch.zeros((m_blocks * r_blocks, N) if need_grad_b else (1,), device=g.device, dtype=acc)
     if M > 0:
         dummy = xa
-        with on_device(g):
-            _lowrank_grad_kernel[(m_blocks * r_blocks,)](
-                g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
-                gh, grad_d_part, grad_b_part,
-                M, N, R, float(scale), m_bucket(M),
-                g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
-                lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
-                HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
-                INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=dot_in_fp32(lowrank_B.dtype),
-                BLOCK_M=block_m, BLOCK_R=block_r,
-            )
+        run_tuned(
+            _lowrank_grad_kernel, (m_blocks * r_blocks,), g,
+            g, xa, d if d is not None else dummy, lowrank_B, bvec if bvec is not None else dummy,
+            gh, grad_d_part, grad_b_part,
+            M, N, R, float(scale), m_bucket(M),
+            g.stride(0), g.stride(1), xa.stride(0), xa.stride(1),
+            lowrank_B.stride(0), lowrank_B.stride(1), gh.stride(0), gh.stride(1),
+            HAS_D=d is not None, HAS_BVEC=bvec is not None, NEED_GRAD_D=need_grad_d, NEED_GRAD_B=need_grad_b,
+            INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=dot_in_fp32(lowrank_B.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r,
+        )
     grad_d = grad_d_part.sum(0).mul_(scale) if need_grad_d else None
     grad_b = grad_b_part.sum(0) if need_grad_b else None
     return gh, grad_d, grad_b

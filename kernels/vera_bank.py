@@ -34,7 +34,7 @@ from pefttriton.kernels.launch import (
     grouped_program_ids,
     input_precision,
     m_bucket,
-    on_device,
+    run_tuned,
 )
 
 
@@ -187,17 +187,17 @@ def vera_bank_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with on_device(out):
-        _vera_bank_gemm_kernel[grid](
-            x_, w_, bias if bias is not None else dummy, h, lowrank_B, bank_b, ids,
-            h_scale if h_scale is not None else dummy, c_, out,
-            M, N, K, R, m_bucket(M),
-            x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1), h.stride(0), h.stride(1),
-            lowrank_B.stride(0), lowrank_B.stride(1), bank_b.stride(0),
-            c_.stride(0), c_.stride(1), out.stride(0), out.stride(1),
-            HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_C=base is not None, HAS_H_SCALE=h_scale is not None,
-            INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=dot_in_fp32(lowrank_B.dtype),
-        )
+    run_tuned(
+        _vera_bank_gemm_kernel, grid, out, x_, w_, bias if bias is not None else dummy, h, lowrank_B, bank_b, ids,
+        h_scale if h_scale is not None else dummy, c_, out,
+        M, N, K, R, m_bucket(M),
+        x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1), h.stride(0), h.stride(1),
+        lowrank_B.stride(0), lowrank_B.stride(1), bank_b.stride(0),
+        c_.stride(0), c_.stride(1), out.stride(0), out.stride(1),
+        HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_C=base is not None, HAS_H_SCALE=h_scale is not None,
+        INPUT_PRECISION=input_precision(lowrank_B.dtype), DOT_IN_FP32=dot_in_fp32(lowrank_B.dtype),
+        prune=_prune_configs,
+    )
     return out
 
 

@@ -42,6 +42,7 @@ from pefttriton.integration.peft_interop import (
 )
 from pefttriton.integration.save import load_adapter, save_adapter
 from pefttriton.integration.vera_bank import VeRABank, adapter_ids, inject_banks, load_into_banks, to_banks
+from pefttriton.integration.warmup import warmup
 from pefttriton.ops import lorma_pi_linear, lowrank_linear, vera_bank_linear, vera_linear
 from pefttriton.ops.backend import (
     get_backend,
@@ -115,5 +116,6 @@ __all__ = [
     "use_strategy",
     "vera_bank_linear",
     "vera_linear",
+    "warmup",
 ]
 __version__ = "0.1.0"
