@@ -124,7 +124,8 @@ def _fused_gemm(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Row offsets in int64: tokens * features may exceed 2**31 elements.
+    # Offsets in int64 wherever a product can pass 2**31 elements: tokens * features (x, y), and
+    # out * in of the weight (a large lm_head; the transposed view grad_x reads steps the other way).
     rows = offs_m.to(tl.int64)
     acc_dtype: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     dot_dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else w_ptr.dtype.element_ty
@@ -132,7 +133,7 @@ def _fused_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     if HAS_MAIN:
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_left = K - k * BLOCK_K
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)

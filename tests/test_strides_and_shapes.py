@@ -160,3 +160,34 @@ def test_outputs_are_tensors_of_their_own(backend, gen, lead):
     assert y.shape == (*lead, m) and not y._is_view()
     y_pi = lorma_pi_linear(x, args["weight"], args["bias"], torch.randn(r, m, generator=gen), args["B"], scale=0.5)
     assert y_pi.shape == (*lead, m) and not y_pi._is_view()
+
+
+def test_weight_offsets_beyond_int32(tmp_path):
+    """A weight whose element offsets pass 2**31 (a large lm_head, or any view with a large row
+    stride) is read with 64-bit offsets, forward (``x W^T``) and through its transposed view
+    (``grad_x = g W``). The weight is a (3, 16) view with a row stride of 2**30 into a 4 GiB
+    allocation that is never touched but for its 3 rows; with 32-bit offsets row 2 wraps to a
+    negative address (a crash, so the check runs in a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import DEVICE
+
+    code = f"""
+import torch
+from pefttriton.kernels import lowrank_linear as k
+big = torch.empty(2**31 + 64, dtype=torch.float16, device="{DEVICE.type}")
+w = big.as_strided((3, 16), (2**30, 1))
+gen = torch.Generator().manual_seed(0)
+w.copy_(torch.randn(3, 16, generator=gen))
+x, g = torch.randn(5, 16, generator=gen).half().to(w.device), torch.randn(5, 3, generator=gen).half().to(w.device)
+y, gx = k.fused_gemm(x, w), k.fused_gemm(g, w.T)
+errs = [((y.double() - x.double() @ w.double().T).abs().max() / (x.double() @ w.double().T).abs().max()).item(),
+        ((gx.double() - g.double() @ w.double()).abs().max() / (g.double() @ w.double()).abs().max()).item()]
+print(max(errs))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"exit {done.returncode}: " + done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 2e-3
