@@ -118,6 +118,8 @@ def run_tuned(kernel, grid, on: torch.Tensor, *args, prune=None, **kwargs):
         config = _TUNED.get(key)
         if config is None:
             config = (kernel.configs if prune is None else prune(kernel.configs, named, **kwargs))[0]
+        if config.pre_hook is not None:  # what the autotuner runs before a launch (descriptor block shapes)
+            config.pre_hook({**named, **kwargs, **config.all_kwargs()})
         return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 

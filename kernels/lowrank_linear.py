@@ -22,6 +22,7 @@ contiguous); validation and autograd live in ``pefttriton.ops``.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pefttriton.kernels.launch import (
     INTERPRET,
@@ -30,6 +31,7 @@ from pefttriton.kernels.launch import (
     dot_in_fp32,
     family_pruner,
     gemm_config,
+    gemm_family,
     grouped_program_ids,
     input_precision,
     m_bucket,
@@ -69,6 +71,24 @@ GEMM_CONFIGS = {
     ],
 }
 INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
+
+# The Hopper variant (tensor descriptors, persistent tiles): the persistent-matmul tutorial's tiles
+# for wgmma, 128x256 included; compiled for sm_90 without spills (the kernel report). Only 16-bit
+# and TF32 dots: IEEE fp32 dots run on FMA units, where TMA loads buy nothing.
+TMA_CONFIGS = {
+    "16-bit": [
+        gemm_config(128, 256, 64, 8, 3),
+        gemm_config(128, 128, 64, 8, 4),
+        gemm_config(128, 128, 64, 4, 4),
+        gemm_config(128, 64, 64, 4, 4),
+    ],
+    # 128x256 spills 272 bytes in grad_x (W read as (K, N): fp32 wgmma wants K-major operands)
+    "tf32": [
+        gemm_config(128, 128, 32, 8, 3),
+        gemm_config(128, 64, 32, 4, 4),
+    ],
+}
+INTERPRET_TMA_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 
 # The low-rank backward kernel: BLOCK_M and BLOCK_R are picked from the rank by the launcher
 # (they size the partial-sum buffers), only the sweep over the output columns is tuned. With
@@ -297,6 +317,114 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None):
     return y
 
 
+# ------------------------------------------------------------------ Hopper: TMA, persistent tiles
+
+
+@triton.jit
+def _fused_gemm_tma(
+    x_desc, w_desc, h_desc, lb_desc, bias_ptr, y_ptr,
+    M, N, K, R, M_BUCKET, NUM_SMS, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, W_KN: tl.constexpr, LB_KN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``y[M, N] = x[M, K] w^T + h[M, R] lb^T + bias[N]`` for Hopper: every operand arrives as a
+    tensor descriptor (TMA loads, zero-padded past the edges) and ``NUM_SMS`` programs loop over
+    the output tiles in grouped order (a persistent schedule: no tail wave, the next tile's loads
+    overlap this tile's epilogue). The low-rank segment is ``R`` more K steps on the second
+    descriptor pair, ``BLOCK_R`` wide; its scalings (``scale * d`` on ``h``, ``b`` on ``lb``) are
+    applied by the launcher, which rounds them to the input dtype exactly where the pointer kernel does.
+
+    ``w_desc`` covers ``w`` as (N, K) (``W_KN=False``: the forward's ``x W^T``) or as (K, N)
+    (``W_KN=True``: ``grad_x = g W`` reads ``W`` that way); ``lb_desc`` likewise (``LB_KN``).
+    """
+    pid0 = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    dot_dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else x_desc.dtype
+    for tile in tl.range(pid0, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_program_ids(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            x_tile = x_desc.load([off_m, k * BLOCK_K]).to(dot_dtype)
+            if W_KN:
+                w_tile = w_desc.load([k * BLOCK_K, off_n]).to(dot_dtype)
+            else:
+                w_tile = w_desc.load([off_n, k * BLOCK_K]).to(dot_dtype).T
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        if HAS_LOWRANK:
+            for r in range(0, tl.cdiv(R, BLOCK_R)):
+                h_tile = h_desc.load([off_m, r * BLOCK_R]).to(dot_dtype)
+                if LB_KN:
+                    lb_tile = lb_desc.load([r * BLOCK_R, off_n]).to(dot_dtype)
+                else:
+                    lb_tile = lb_desc.load([off_n, r * BLOCK_R]).to(dot_dtype).T
+                acc = tl.dot(h_tile, lb_tile, acc, input_precision=INPUT_PRECISION)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+
+
+def _tma_family(dtype: torch.dtype, precision: str) -> str | None:
+    """The TMA_CONFIGS family serving ``dtype`` at ``precision``, None where the variant does not run."""
+    family = gemm_family(dtype, precision)
+    return family if family in TMA_CONFIGS else None
+
+
+def _prune_tma_configs(candidates, named_args, **kwargs):
+    """``early_config_prune``: the TMA_CONFIGS family of the descriptors' dtype and precision."""
+    if INTERPRET:
+        return candidates
+    family = TMA_CONFIGS[_tma_family(named_args["x_desc"].base.dtype, kwargs["INPUT_PRECISION"])]
+    return [config for config in candidates if any(config is mine for mine in family)]
+
+
+def _tma_hook(nargs):
+    """Sets each descriptor's block shape to the config's tiles before a launch (the descriptors
+    are built once per call, before the autotuner picks a config)."""
+    block_m, block_n, block_k, block_r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["x_desc"].block_shape = [block_m, block_k]
+    nargs["w_desc"].block_shape = [block_k, block_n] if nargs["W_KN"] else [block_n, block_k]
+    nargs["h_desc"].block_shape = [block_m, block_r]
+    nargs["lb_desc"].block_shape = [block_r, block_n] if nargs["LB_KN"] else [block_n, block_r]
+
+
+def _with_hook(configs):
+    for config in configs:
+        config.pre_hook = _tma_hook
+    return configs
+
+
+_fused_gemm_tma_kernel = triton.autotune(
+    configs=_with_hook(INTERPRET_TMA_CONFIGS if INTERPRET else [c for family in TMA_CONFIGS.values() for c in family]),
+    key=["M_BUCKET", "N", "K", "R", "INPUT_PRECISION", "W_KN"],
+    prune_configs_by={"early_config_prune": _prune_tma_configs},
+)(_fused_gemm_tma)
+
+
+def tma_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fused_gemm` can read ``x`` (M, K) and ``weight`` (N, K), any view, through tensor
+    descriptors: a 16-bit or TF32 dot family, one unit stride each (``weight`` either way round),
+    16-byte aligned base addresses and leading strides (TMA's rules), a CUDA device of compute
+    capability 9 or later (or the interpreter)."""
+    if _tma_family(x.dtype, input_precision(x.dtype)) is None or x.dtype != weight.dtype:
+        return False
+    if not INTERPRET and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return False
+    size = x.element_size()
+    if x.stride(1) != 1 or 1 not in weight.stride():
+        return False
+    lead_w = weight.stride(0) if weight.stride(1) == 1 else weight.stride(1)
+    return all(v % 16 == 0 for v in (x.data_ptr(), weight.data_ptr(), x.stride(0) * size, lead_w * size))
+
+
 def fused_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -308,16 +436,73 @@ def fused_gemm(
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias + bvec * ((scale * d * h) @ lowrank_B.T)`` in one launch.
 
     x: (M, K), weight: (N, K), bias/bvec: (N,), h: (M, R), lowrank_B: (N, R), d: (R,).
     Any strides (pass a transposed view to multiply by a matrix instead of its transpose).
     Writes into ``out`` (M, N), any strides, when given; else returns a new contiguous (M, N)
-    tensor of ``out_dtype`` (default ``x.dtype``).
+    tensor of ``out_dtype`` (default ``x.dtype``). ``tma``: use the Hopper variant (tensor
+    descriptors, persistent tiles) where :func:`tma_supported` says it can read ``x`` and
+    ``weight``; the pointer kernel otherwise.
     """
     y = out if out is not None else torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=out_dtype or x.dtype)
+    if tma and y.dtype == x.dtype and tma_supported(x, weight):
+        return _launch_gemm_tma(x, weight, bias, h, lowrank_B, d, bvec, scale, y)
     return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y)
+
+
+def _tma_ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 2-D ``t`` in ``dtype`` as a tensor descriptor can cover it: a unit last stride and
+    16-byte aligned rows and base, its last dimension zero-padded where it must be (the padding
+    adds nothing: it meets zeros or falls outside the output). ``t`` itself when it already is."""
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    if t.dtype == dtype and t.stride(1) == 1 and t.stride(0) % per_16_bytes == 0 and t.data_ptr() % 16 == 0:
+        return t
+    cols = t.shape[1]
+    out = torch.zeros((t.shape[0], -(-cols // per_16_bytes) * per_16_bytes), device=t.device, dtype=dtype)
+    out[:, :cols] = t
+    return out
+
+
+def _launch_gemm_tma(x, weight, bias, h, lowrank_B, d, bvec, scale, y):
+    M, N = y.shape
+    if M == 0 or N == 0:
+        return y
+    K = x.shape[1]
+    dtype = x.dtype
+    bias = contiguous_vector(bias)
+    w_kn = weight.stride(1) != 1  # a (N, K) view of a row-major (K, N) tensor: read it as (K, N)
+    has_lowrank = h is not None
+    lb_kn = False
+    if has_lowrank:
+        # The pointer kernel scales h (in float32) and lb before rounding them to the input dtype
+        # for the dot; here the same products are formed first and rounded the same way.
+        acc = acc_dtype(dtype)
+        h_s = _tma_ready(h.to(acc) * (scale if d is None else d.to(acc) * scale), dtype)
+        lb_kn = lowrank_B.stride(1) != 1 and lowrank_B.stride(0) == 1  # A^T of grad_x: read A (R, N)
+        lb = lowrank_B.T if lb_kn else lowrank_B
+        if bvec is not None:
+            lb = lb.to(acc) * (bvec.to(acc)[None, :] if lb_kn else bvec.to(acc)[:, None])
+        lb = _tma_ready(lb, dtype)
+    else:
+        h_s = lb = torch.zeros((16, 16), device=y.device, dtype=dtype)  # never read
+    # Block shapes are placeholders: _tma_hook sets each config's tiles before its launch.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, weight.T if w_kn else weight, h_s, lb)]
+    num_sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 4
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    run_tuned(
+        _fused_gemm_tma_kernel, grid, y, *descs, bias if bias is not None else y, y,
+        M, N, K, h.shape[1] if has_lowrank else 0, m_bucket(M), num_sms, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, W_KN=w_kn, LB_KN=lb_kn,
+        INPUT_PRECISION=input_precision(dtype), DOT_IN_FP32=dot_in_fp32(dtype), BLOCK_R=16,
+        prune=_prune_tma_configs,
+    )
+    return y
 
 
 def add_lowrank_(

@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import BACKENDS, rel_err
+from helpers import BACKENDS, DEVICE, rel_err
 
 import pefttriton
 from pefttriton import lowrank_linear
@@ -668,3 +668,72 @@ def test_triton_paths_with_either_low_rank_backward(gen, way, name, dtype, adapt
     with pefttriton.use_backend("triton"), pefttriton.use_strategy(name), chooser.use_lowrank_backward(way):
         check_against_reference(t, scale=0.7, tol=TOL[dtype], gen=gen)
         assert pefttriton.last_path() == name
+
+
+# ------------------------------------------------------------- the Hopper GEMM (TMA, persistent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tma_gemm_against_float64(gen, dtype):
+    """The TMA variant of the fused GEMM (tensor descriptors, persistent tile loop) computes what
+    the pointer kernel does: forward with every flag, and ``x w`` read through a transposed view
+    (grad_x's ``g W``), at sizes that are not tile multiples; it is launched, not the pointer kernel."""
+    M, K, N, R = 70, 40, 56, 5
+    x = torch.randn(M, K, generator=gen, device=DEVICE).to(dtype)
+    w = (torch.randn(N, K, generator=gen, device=DEVICE) / K**0.5).to(dtype)
+    h = torch.randn(M, R, generator=gen, device=DEVICE)
+    B = torch.randn(N, R, generator=gen, device=DEVICE).to(dtype)
+    d, b = torch.randn(R, generator=gen, device=DEVICE), torch.randn(N, generator=gen, device=DEVICE)
+    bias = torch.randn(N, generator=gen, device=DEVICE).to(dtype)
+    assert kernels.tma_supported(x, w) and kernels.tma_supported(x, w.T.contiguous().T)
+    launched = []
+    real = kernels._launch_gemm_tma
+    kernels._launch_gemm_tma = lambda *a: launched.append(1) or real(*a)
+    try:
+        y = kernels.fused_gemm(x, w, bias, h, B, d, b, 0.7, tma=True)
+        g = torch.randn(M, N, generator=gen, device=DEVICE).to(dtype)
+        A_t = torch.randn(K, R, generator=gen, device=DEVICE).to(dtype)
+        gx = kernels.fused_gemm(g, w.T, None, h, A_t, tma=True)  # (M, N) @ (N, K): w read as (K, N)
+    finally:
+        kernels._launch_gemm_tma = real
+    assert launched == [1, 1]
+    xd, wd, hd = x.double(), w.double(), h.double()
+    want = xd @ wd.T + bias.double() + b.double() * ((0.7 * d.double() * hd) @ B.double().T)
+    assert rel_err(y, want) < TOL[dtype]
+    assert rel_err(gx, g.double() @ wd + hd @ A_t.double().T) < TOL[dtype]
+
+
+def test_tma_needs_aligned_unit_stride_inputs(gen):
+    """TMA's rules (16-byte aligned base and leading stride, one unit stride) decide; elsewhere the
+    pointer kernel runs and the result is the same. IEEE fp32 dots have no TMA variant."""
+    x = torch.randn(9, 24, generator=gen, device=DEVICE).half()
+    w = torch.randn(10, 24, generator=gen, device=DEVICE).half()
+    assert kernels.tma_supported(x, w)
+    assert not kernels.tma_supported(x[:, 1:], w[:, 1:])  # base 2 bytes off
+    assert not kernels.tma_supported(torch.randn(9, 23, device=DEVICE).half(), torch.randn(10, 23, device=DEVICE).half())  # 46-byte rows
+    assert not kernels.tma_supported(x[:, ::2], w[:, ::2])  # no unit stride
+    assert not kernels.tma_supported(x.float(), w.float())  # IEEE fp32: FMA units, no TMA variant
+    odd = kernels.fused_gemm(x[:, 1:], w[:, 1:], tma=True)
+    assert rel_err(odd, x[:, 1:].double() @ w[:, 1:].double().T) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("name", ["fused"])
+@pytest.mark.parametrize("adapter", ["vera", "lora"])
+def test_engine_with_the_tma_gemm(gen, name, adapter):
+    """The engine's fused strategy with the Hopper GEMM forced: forward and every gradient against
+    float64 (grad_x runs the variant on W's transposed view)."""
+    from pefttriton.ops import strategy as chooser
+
+    vera = adapter == "vera"
+    t = make_inputs(gen, 37, 24, 40, 5, dtype=torch.float16, d=vera, b=vera,
+                    requires_grad=("x", "d", "b", "bias") if vera else ("x", "A", "B"))
+    launched = []
+    real = kernels._launch_gemm_tma
+    kernels._launch_gemm_tma = lambda *a: launched.append(1) or real(*a)
+    try:
+        with pefttriton.use_backend("triton"), pefttriton.use_strategy(name), chooser.use_gemm_kernel("tma"):
+            check_against_reference(t, scale=0.7, tol=TOL[torch.float16], gen=gen)
+    finally:
+        kernels._launch_gemm_tma = real
+    assert len(launched) == 2  # forward and grad_x
+    assert chooser.gemm_kernel(torch.device("cuda"), torch.bfloat16) == "pointer"  # unmeasured: never chosen

@@ -230,7 +230,8 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
     acc = acc_dtype(x.dtype)
     xa = kernels.fused_gemm(x, A, out_dtype=acc)
     if not split:
-        kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h, out=out)
+        tma = chooser.gemm_kernel(x.device, x.dtype) == "tma"
+        kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h, out=out, tma=tma)
     elif x.dtype == acc:
         _base_gemm(x, weight, bias, out)
         kernels.add_lowrank_(out, xa, B_s, d, b, scale_h)
@@ -266,7 +267,8 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
         grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
     elif need_x:
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
-        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T)
+        tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
+        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
     if need_B and way == "kernel":
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:

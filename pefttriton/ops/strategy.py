@@ -35,7 +35,7 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
 
 import torch
@@ -66,6 +66,9 @@ class DeviceModel:
     sms: int  # programs of the low-rank backward kernel that run at once (one per SM)
     grad_step: float  # seconds one program of the low-rank backward kernel spends per 16-column step
     measured: bool = False  # fitted from a GPU run (python -m bench.gpu_check), not read off spec sheets
+    # dot family -> the Hopper GEMM's (TMA, persistent tiles) rate / the BLAS's; empty until measured,
+    # and the variant runs only where a measurement says it beats the pointer kernel
+    tma_gemm: dict = field(default_factory=dict)
 
 
 # Read off spec sheets and the compiled sm_90 code, not measured (no GPU run yet): dense throughputs
@@ -217,7 +220,8 @@ def estimate(path: str, device: torch.device, dtype: torch.dtype, shape: tuple[i
     size = torch.empty((), dtype=dtype).element_size()
     flops_key, family = _rate_key(device, dtype)
     peak = model.flops[flops_key]
-    efficiency = {"blas": 1.0, "triton": model.triton_gemm[family], "lowrank_grad": 1.0}
+    triton_rate = max(model.triton_gemm[family], model.tma_gemm.get(family, 0.0) if device.type == "cuda" else 0.0)
+    efficiency = {"blas": 1.0, "triton": triton_rate, "lowrank_grad": 1.0}
     total = 0.0
     for M, N, K, where, extra in _gemms(path, shape, trains, size < 4, lowrank_backward != "blas"):
         flops = 2 * M * N * K / (peak * efficiency[where])
@@ -259,6 +263,38 @@ def lowrank_backward(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     if device.type != "cuda":
         return "kernel"
     return _cheaper_backward(device, dtype, tuple(shape), trains, launch.tf32_allowed())
+
+
+GEMM_KERNELS = ("auto", "pointer", "tma")
+_GEMM_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("pefttriton_gemm_kernel", default="auto")
+
+
+@contextlib.contextmanager
+def use_gemm_kernel(name: str):
+    """Inside the block, the Triton paths' big GEMMs (the fused forward, ``grad_x``) run the kernel
+    ``name`` says: "pointer" (pointer loads, any GPU), "tma" (tensor descriptors and persistent
+    tiles, Hopper; where the inputs meet TMA's alignment rules) or "auto" (:func:`gemm_kernel`)."""
+    if name not in GEMM_KERNELS:
+        raise ValueError(f"gemm kernel must be one of {GEMM_KERNELS}, got {name!r}")
+    token = _GEMM_KERNEL.set(name)
+    try:
+        yield
+    finally:
+        _GEMM_KERNEL.reset(token)
+
+
+def gemm_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """"pointer" or "tma": which Triton GEMM the fused paths run for inputs of ``dtype``. The TMA
+    variant only where the device's model has a measured rate for it above the pointer kernel's
+    (``DeviceModel.tma_gemm``), unless :func:`use_gemm_kernel` says otherwise."""
+    forced = _GEMM_KERNEL.get()
+    if forced != "auto":
+        return forced
+    if device.type != "cuda":
+        return "pointer"
+    model = device_model(device)
+    family = _rate_key(device, dtype)[1]
+    return "tma" if model.tma_gemm.get(family, 0.0) > model.triton_gemm[family] else "pointer"
 
 
 @functools.lru_cache(maxsize=4096)
