@@ -41,13 +41,27 @@ def make_bank(gen, n, m, r, K, *, dtype=torch.float32, bias=True, seed=3):
     return bank
 
 
+def ids_per_row(ids, x):
+    """``ids`` as one id per token row of ``x`` (..., n), expanded here rather than by the op's own
+    helper: shape ``x.shape[:-1]`` or (N,) as they are, (batch,) repeated over each sequence, ()
+    for every row."""
+    lead = x.shape[:-1]
+    N = lead.numel()
+    if ids.dim() == 0:
+        return torch.full((N,), int(ids), dtype=torch.int64)
+    if ids.numel() == N:
+        return ids.flatten()
+    assert ids.dim() == 1 and len(lead) >= 2 and ids.shape[0] == lead[0], (ids.shape, lead)
+    return ids.repeat_interleave(N // lead[0])
+
+
 def oracle(bank, x, ids):
-    """``vera_bank_reference`` on float64 copies of the bank's tensors."""
+    """``vera_bank_reference`` on float64 copies of the bank's tensors, ids expanded by ``ids_per_row``."""
     A, B = bank.projection_slices()
     base = bank.base_layer
     bias = None if base.bias is None else base.bias.double()
     return vera_bank_reference(x.double(), base.weight.double(), bias, A.double(), B.double(),
-                               bank.lambda_d.double(), bank.lambda_b.double(), ids)
+                               bank.lambda_d.double(), bank.lambda_b.double(), ids_per_row(ids, x))
 
 
 def single_layer(bank, k):
@@ -213,7 +227,8 @@ def test_training_several_adapters_in_one_batch_torch_path(gen):
     ref_in = [x.detach().clone().requires_grad_(True), bank.lambda_d.detach().clone().requires_grad_(True),
               bank.lambda_b.detach().clone().requires_grad_(True)]
     A, B = bank.projection_slices()
-    y_ref = vera_bank_reference(ref_in[0], bank.base_layer.weight, bank.base_layer.bias, A, B, ref_in[1], ref_in[2], ids)
+    y_ref = vera_bank_reference(ref_in[0], bank.base_layer.weight, bank.base_layer.bias, A, B, ref_in[1], ref_in[2],
+                                ids_per_row(ids, x))
     ref_grads = torch.autograd.grad(y_ref.square().sum(), ref_in)
     for g, g_ref in zip(grads, ref_grads):
         assert rel_err(g, g_ref) < TOL[torch.float64]
@@ -310,6 +325,131 @@ def test_custom_op_registration(gen, path):
     ids = torch.randint(-1, 3, (10,), generator=gen)
     args = (x, bank.base_layer.weight.detach(), bank.base_layer.bias.detach(), A, B, bank.lambda_d, bank.lambda_b, ids, path)
     torch.library.opcheck(ops._vera_bank_linear, args)
+
+
+# ------------------------------------------------------------------------------ id dtypes, ranges, changes
+
+
+SMALL_ID_DTYPES = [torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("id_dtype", SMALL_ID_DTYPES, ids=lambda dt: str(dt).removeprefix("torch."))
+def test_every_integer_id_dtype(backend, gen, id_dtype):
+    """Ids of any accepted integer dtype select the same adapters as int64 ones, through the op, the
+    layer, an adapter_ids block and (torch backend) the differentiable path. K == N: indexing a
+    table with a uint8 tensor treats it as a boolean mask, which then fits the table and picks
+    other rows without any error."""
+    N = K = 6
+    bank = make_bank(gen, 8, 5, 4, K)
+    x = torch.randn(N, 8, generator=gen)
+    # no id 0 for uint8: as a mask of six True values it would give row t adapter t, silently
+    signed = [5, -1, 3, 3, 1, 2] if id_dtype != torch.uint8 else [5, 2, 3, 3, 1, 4]
+    ids = torch.tensor(signed).to(id_dtype)
+    expected = oracle(bank, x, torch.tensor(signed))
+    A, B = bank.projection_slices()
+    with torch.no_grad():
+        y = vera_bank_linear(x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d,
+                             bank.lambda_b, ids)
+        assert rel_err(y, expected) < TOL[torch.float32]
+        assert rel_err(bank(x, adapter_ids=ids), expected) < TOL[torch.float32]
+        model = nn.Sequential(bank)
+        with adapter_ids(model, ids):
+            assert rel_err(model(x), expected) < TOL[torch.float32]
+        one = torch.tensor(3).to(id_dtype)  # all rows one adapter: the single-adapter engine
+        assert rel_err(bank(x, adapter_ids=one), oracle(bank, x, torch.full((N,), 3))) < TOL[torch.float32]
+    if backend == "torch":  # with a gradient: the plain PyTorch path, which gathers with the ids
+        xg = x.clone().requires_grad_(True)
+        y = bank(xg, adapter_ids=ids)
+        assert rel_err(y, expected) < TOL[torch.float32]
+        (grad,) = torch.autograd.grad(y.sum(), xg)
+        ref_x = x.double().requires_grad_(True)
+        (ref_grad,) = torch.autograd.grad(oracle(bank, ref_x, torch.tensor(signed)).sum(), ref_x)
+        assert rel_err(grad, ref_grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("id_dtype", [torch.uint16, torch.uint32, torch.uint64, torch.bool],
+                         ids=lambda dt: str(dt).removeprefix("torch."))
+def test_unsupported_id_dtypes_refused(gen, id_dtype):
+    """Unsigned 16/32/64-bit ids (barely supported by PyTorch; uint64 above 2**63 - 1 would wrap to
+    negative ids) and bool are refused with an error naming adapter_ids, everywhere ids enter."""
+    bank = make_bank(gen, 8, 5, 4, 3)
+    x = torch.randn(2, 8, generator=gen)
+    ids = torch.tensor([1, 0]).to(id_dtype)
+    A, B = bank.projection_slices()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"adapter_ids must have an integer dtype.*int8 or uint8.*got torch\.%s"
+                           % str(id_dtype).removeprefix("torch.")):
+            vera_bank_linear(x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d, bank.lambda_b, ids)
+        with pytest.raises(TypeError, match="adapter_ids must have an integer dtype"):
+            bank(x, adapter_ids=ids)
+        with pytest.raises(TypeError, match="adapter_ids must have an integer dtype"):
+            with adapter_ids(nn.Sequential(bank), ids):
+                pass
+
+
+def test_id_range_is_not_public(gen):
+    """``id_range`` cannot be checked without reading the ids, which is what it would spare: it is
+    not part of vera_bank_linear (a wrong one routed every row of a mixed batch through one adapter
+    without a word). The bank's private entry, which gets it from an adapter_ids block, checks its
+    form and bounds."""
+    from pefttriton.ops import vera_bank as ops
+
+    bank = make_bank(gen, 8, 5, 4, 3)
+    x = torch.randn(4, 8, generator=gen)
+    ids = torch.tensor([0, 2, 1, 0])
+    A, B = bank.projection_slices()
+    args = (x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d, bank.lambda_b, ids)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="id_range"):
+            vera_bank_linear(*args, id_range=(0, 0))
+        torch.testing.assert_close(ops._vera_bank_in_range(*args, id_range=(0, 2)), oracle(bank, x, ids).float())
+        for bad, error, pattern in (
+            ((5, 5), ValueError, r"id_range must lie in \[-1, 3\).*\(5, 5\)"),
+            ((2, 0), ValueError, r"smallest <= largest.*\(2, 0\)"),
+            ((-2, 0), ValueError, r"id_range must lie in \[-1, 3\)"),
+            ([0, 2], TypeError, r"id_range must be a tuple of two ints"),
+            ((0, 2.0), TypeError, r"id_range must be a tuple of two ints"),
+            ((True, 2), TypeError, r"id_range must be a tuple of two ints"),
+        ):
+            with pytest.raises(error, match=pattern):
+                ops._vera_bank_in_range(*args, id_range=bad)
+
+
+def test_adapters_changed_inside_an_ids_block(gen):
+    """An adapter removed or replaced inside an adapter_ids block that selects it: the next forward
+    raises naming it (it used to die with an IndexError, or silently compute the base layer or
+    another adapter for those rows); rows that do not use it run on, correctly."""
+    x = torch.randn(3, 8, generator=gen)
+    with torch.no_grad():
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        with adapter_ids(model, ["a0", "a2", -1]):  # the trailing slot: the tables shrink
+            bank.remove_adapter("a2")
+            with pytest.raises(ValueError, match=r"adapter 'a2' \(id 2\) was removed.*adapter_ids"):
+                model(x)
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        with adapter_ids(model, torch.tensor([1, 0, 1])):  # a slot in the middle: zeroed, then reused
+            bank.remove_adapter("a1")
+            with pytest.raises(ValueError, match=r"adapter 'a1' \(id 1\) was removed"):
+                model(x)
+            bank.add_adapter("other", torch.ones(4), torch.ones(6))
+            assert bank.adapter_id("other") == 1
+            with pytest.raises(ValueError, match=r"id 1 selected 'a1'.*now holds 'other'"):
+                model(x)
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        ids = torch.tensor([0, -1, 2])
+        with adapter_ids(model, ids):
+            bank.remove_adapter("a1")  # not used by these rows
+            assert rel_err(model(x), oracle(bank, x, ids)) < TOL[torch.float32]
+            before = model(x)
+            d, b = bank.lambda_d[2].clone(), 2 * bank.lambda_b[2]
+            bank.remove_adapter("a2")  # replaced under the same name and id (load_into_banks(replace=True))
+            bank.add_adapter("a2", d, b, adapter_id=2)
+            after = model(x)
+            assert rel_err(after, oracle(bank, x, ids)) < TOL[torch.float32]
+            assert not torch.allclose(after[2], before[2]) and torch.equal(after[:2], before[:2])
 
 
 # ------------------------------------------------------------------------------ models
