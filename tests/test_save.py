@@ -107,6 +107,33 @@ def test_errors(tmp_path):
     assert isinstance(adapter_layers(model)[0][1].projections, VeRAProjections)
 
 
+def test_unreadable_files_named(tmp_path):
+    """A file that is not safetensors, one cut short, and metadata that is not JSON: ValueError
+    naming the file and saying why (not safetensors' own error from deep inside); nothing changes."""
+    model = inject(tiny_llama(), VeRAConfig(r=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a.safetensors")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "json.safetensors"), metadata={"pefttriton": "{not json"})
+    target = inject(tiny_llama(), VeRAConfig(r=4, target_modules=["q_proj"]))
+    before = _snapshot(target)
+    for name, pattern in (
+        ("text", r"text\.safetensors is not a readable safetensors file"),
+        ("cut", r"cut\.safetensors is not a readable safetensors file"),
+        ("json", r"json\.safetensors: the 'pefttriton' metadata is not valid JSON"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            load_adapter(target, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=pattern):
+            read_adapter(tmp_path / f"{name}.safetensors")
+    _assert_unchanged(target, before)
+
+
 # ------------------------------------------------------------------------------ settings restored
 
 

@@ -280,6 +280,23 @@ def test_state_dict_round_trip(gen):
         torch.testing.assert_close(fresh(x, adapter_ids=ids), bank(x, adapter_ids=ids), rtol=0, atol=0)
 
 
+def test_state_dict_that_does_not_fit_changes_nothing(gen):
+    """load_state_dict with tables of another width or names for another number of slots raises
+    and leaves the bank as it was (it used to take the saved height, names and lambda_d first)."""
+    bank = make_bank(gen, 8, 6, 4, 2)
+    before = copy.deepcopy(bank.state_dict())
+    state = make_bank(gen, 8, 6, 4, 4).state_dict()
+    state.update({k: v for k, v in before.items() if k.startswith("base_layer.")})  # only the bank's own part differs
+    narrow = dict(state, lambda_b=state["lambda_b"][:, :3])
+    names = torch.tensor(list(b'["x", null, "y"]'), dtype=torch.uint8)  # 3 names for 4 slots
+    for bad, pattern in ((narrow, "lambda_b"), (dict(state, _extra_state=names), "names of 4 slots")):
+        with pytest.raises(RuntimeError, match=pattern):
+            bank.load_state_dict(bad)
+        after = bank.state_dict()
+        assert bank.adapters == {"a0": 0, "a1": 1} and bank.num_slots == 2
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_bad_inputs(gen):
     bank = make_bank(gen, 8, 6, 4, 3)
     x = torch.randn(2, 5, 8, generator=gen)
@@ -564,6 +581,57 @@ def test_load_into_banks_errors(tmp_path, gen):
     other[0] = VeRABank(other[0], 2, projections=VeRAProjections(2, 4, 4, seed=1))
     with pytest.raises(ValueError, match="not VeRA banks of the model"):
         load_into_banks(other, "x", tmp_path / "ok")
+
+
+def test_load_into_banks_unreadable_files(tmp_path, gen):
+    """A file that is not safetensors (or is cut short), as a pefttriton file or inside a PEFT
+    directory: ValueError naming the file and saying why; the banks are unchanged."""
+    import shutil
+
+    _peft_vera(tiny_llama(), gen, tmp_path, "ok")
+    model = inject_banks(tiny_llama(), ["q_proj", "v_proj"], r=8, projection_seed=7)
+    load_into_banks(model, "first", tmp_path / "ok")
+    before = copy.deepcopy(model.state_dict())
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    weights = (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(weights[: len(weights) // 2])
+    shutil.copytree(tmp_path / "ok", tmp_path / "cut_peft")
+    (tmp_path / "cut_peft" / "adapter_model.safetensors").write_bytes(weights[:-7])
+    shutil.copytree(tmp_path / "ok", tmp_path / "bad_config")
+    (tmp_path / "bad_config" / "adapter_config.json").write_text("{not json")
+    for path, pattern in (
+        (tmp_path / "text.safetensors", r"text\.safetensors is not a readable safetensors file"),
+        (tmp_path / "cut.safetensors", r"cut\.safetensors is not a readable safetensors file"),
+        (tmp_path / "cut_peft", r"cut_peft/adapter_model\.safetensors is not a readable safetensors file"),
+        (tmp_path / "bad_config", r"bad_config/adapter_config\.json is not valid JSON"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            load_into_banks(model, "second", path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_load_into_banks_replace_fails_before_any_change(tmp_path, gen):
+    """replace=True with a file whose vectors cannot go into a bank (integer lambda_b in its last
+    layer): the error comes before the old adapter is removed from any bank."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _peft_vera(tiny_llama(), gen, tmp_path, "ok")
+    model = inject_banks(tiny_llama(), ["q_proj", "v_proj"], r=8, projection_seed=7)
+    load_into_banks(model, "a", tmp_path / "ok")
+    before = copy.deepcopy(model.state_dict())
+    shutil.copytree(tmp_path / "ok", tmp_path / "int")
+    weights = tmp_path / "int" / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = max(k for k in state if k.endswith("vera_lambda_b"))
+    state[key] = state[key].round().to(torch.int32)
+    save_file(state, str(weights))
+    with pytest.raises(TypeError, match=r"layer .*v_proj.* holds lambda_d torch\.float32 and lambda_b torch\.int32"):
+        load_into_banks(model, "a", tmp_path / "int", replace=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 # ------------------------------------------------------------------------------ README

@@ -223,20 +223,49 @@ class VeRABank(nn.Module):
         return torch.tensor(list(json.dumps(self._names).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        try:
-            names = json.loads(bytes(state.tolist()).decode())
-        except (AttributeError, TypeError, ValueError):
-            names = None
+        names = _decode_names(state)
         if not isinstance(names, list) or len(names) != self.num_slots:
             raise ValueError(f"VeRABank state: expected the names of {self.num_slots} slots, got {names!r}")
         self._names = tuple(names)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A bank's table height is its number of slots: take the saved one before copying.
+    def _state_problem(self, state_dict, prefix: str) -> str | None:
+        """What keeps ``state_dict`` from fitting this bank as a whole, or None: both tables of one
+        height K with this bank's widths, and the names of K slots."""
+        from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
+
+        tables = {key: state_dict.get(prefix + key) for key in ("lambda_d", "lambda_b")}
+        widths = {"lambda_d": self.r, "lambda_b": self.out_features}
+        heights = set()
+        for key, table in tables.items():
+            if table is None:
+                continue
+            if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != widths[key]:
+                got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+                return f"{key} must have shape (slots, {widths[key]}), got {got}"
+            heights.add(table.shape[0])
+        if len(heights) > 1:
+            return f"lambda_d and lambda_b have different numbers of slots ({sorted(heights)})"
+        extra = prefix + _EXTRA_STATE_KEY_SUFFIX
+        if heights and extra in state_dict:
+            names, slots = _decode_names(state_dict[extra]), heights.pop()
+            if not isinstance(names, list) or len(names) != slots:
+                return f"expected the names of {slots} slots, got {names!r}"
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bank's table height is its number of slots: take the saved one before copying, once the
+        # tables and names are known to fit together, so that a state that does not fit changes nothing
+        # (the error is reported as load_state_dict reports others).
+        problem = self._state_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"VeRABank state at {prefix or 'the root'!r}: {problem}")
+            return
         table = state_dict.get(prefix + "lambda_d")
-        if isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[0] != self.num_slots:
+        if isinstance(table, torch.Tensor) and table.shape[0] != self.num_slots:
             self._resize(table.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------------------ forward
 
@@ -315,6 +344,15 @@ class VeRABank(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"adapters={len(self.adapters)}, slots={self.num_slots}, seed={self.projections.seed}")
+
+
+def _decode_names(state) -> list | None:
+    """The names list of :meth:`VeRABank.get_extra_state`'s tensor, or None when it holds none."""
+    try:
+        names = json.loads(bytes(state.tolist()).decode())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return names if isinstance(names, list) else None
 
 
 def _broadcast_context_ids(ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -523,6 +561,10 @@ def load_into_banks(model: nn.Module, name: str, path: str | os.PathLike, *, rep
         if problem is not None:
             raise ValueError(f"{path}: layer {layer_name!r}: {problem}")
         d, b = vectors[layer_name]
+        if not (isinstance(d, torch.Tensor) and d.is_floating_point() and isinstance(b, torch.Tensor)
+                and b.is_floating_point()):
+            raise TypeError(f"{path}: layer {layer_name!r} holds lambda_d {getattr(d, 'dtype', type(d).__name__)} and "
+                            f"lambda_b {getattr(b, 'dtype', type(b).__name__)}; a bank takes floating-point vectors")
         if tuple(d.shape) != (bank.r,) or tuple(b.shape) != (bank.out_features,):
             raise ValueError(f"{path}: layer {layer_name!r} holds lambda_d {tuple(d.shape)} and lambda_b {tuple(b.shape)}; "
                              f"the bank needs ({bank.r},) and ({bank.out_features},)")
