@@ -26,6 +26,7 @@ import tempfile
 
 import pytest
 import torch
+from helpers import rel_err
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -179,6 +180,31 @@ def from_pretrained_accelerated(model, path, **kwargs):
     return peft_model
 
 
+def set_input_dtype(peft_model, dtype):
+    """The dtype upstream's models cast their input to (``self.dtype``; EmbConv1D has none)."""
+    base = peft_model.base_model.model
+    if isinstance(getattr(base, "dtype", None), torch.dtype):
+        base.dtype = dtype
+
+
+def peft_reference(peft_model, model_id, config_cls, config_kwargs, **kwargs):
+    """PEFT's own model (never accelerated) holding ``peft_model``'s parameters, in float64: the
+    16-bit values computed exactly, by PEFT's layers (the reference of the fused engine and of
+    merging in 16 bits)."""
+    reference = get_peft_model(from_pretrained(model_id), config_cls(**config_kwargs), **kwargs)
+    reference.load_state_dict(peft_model.state_dict())
+    reference = reference.double().eval()
+    set_input_dtype(reference, torch.float64)
+    return reference
+
+
+# max|a - ref| / max|ref| of a 16-bit model's logits against its float64 reference (peft_reference),
+# fused or merged. Measured over TEST_CASES with init_weights=False (both 16-bit dtypes, adapters fp32
+# or 16-bit): at most 4.7e-3 in fp16 and 3.9e-2 in bf16 (LoRA with lora_bias, merged), while leaving
+# the adapter out changes the logits by 0.3 to 2.5.
+TOL_16BIT = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
 # (test name, model id, config class, config kwargs, layers fused in eval mode); upstream's TEST_CASES
 # for LoRA and VeRA on Linear / Conv1D, plus the ones that mix in layers PEFT keeps running itself.
 TEST_CASES = [
@@ -265,30 +291,61 @@ def test_merge_layers(test_name, model_id, config_cls, config_kwargs, fused, eng
 
 
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs, fused", TEST_CASES, ids=CASE_IDS)
-def test_merge_layers_fp16(test_name, model_id, config_cls, config_kwargs, fused):
-    """TestPeftCustomModel.test_merge_layers_fp16."""
+def test_merge_layers_fp16(test_name, model_id, config_cls, config_kwargs, fused, engine_calls):
+    """TestPeftCustomModel.test_merge_layers_fp16. Upstream only merges ("this should simply
+    work"); here the fp16 model's logits, fused before merging and after merge_and_unload, are
+    also checked against PEFT's own layers in float64 (not for MHA: upstream's test_forward_float16
+    runs nn.MultiheadAttention in 16 bits, see test_forward_16bit)."""
     config_kwargs = set_init_weights_false(config_cls, config_kwargs)
     model = from_pretrained(model_id, dtype=torch.float16)
     model = peft_accelerated(model, config_cls(**config_kwargs), fused)
     model = model.to(dtype=torch.float16)
     model.eval()
+    X = prepare_inputs_for_testing()
+    check_values = model_id != "MHA"
+    if check_values:
+        set_input_dtype(model, torch.float16)
+        reference = peft_reference(model, model_id, config_cls, config_kwargs)
+        with torch.no_grad():
+            logits_ref = reference(**X)
+            logits = model(**X)
+        _ran_fused(engine_calls, fused)
+        assert logits.dtype == torch.float16
+        assert rel_err(logits, logits_ref) < TOL_16BIT[torch.float16]
     # This should simply work
-    _ = model.merge_and_unload()
+    merged = model.merge_and_unload()
+    if check_values:
+        with torch.no_grad():
+            assert rel_err(merged(**X), logits_ref) < TOL_16BIT[torch.float16]
 
 
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs, fused", TEST_CASES, ids=CASE_IDS)
-def test_merge_layers_is_idempotent(test_name, model_id, config_cls, config_kwargs, fused):
-    """TestPeftCustomModel.test_merge_layers_is_idempotent."""
+def test_merge_layers_is_idempotent(test_name, model_id, config_cls, config_kwargs, fused, engine_calls):
+    """TestPeftCustomModel.test_merge_layers_is_idempotent. Merged layers run PEFT's forward, so
+    upstream's test alone runs no pefttriton code. What it is for here: a second merge_adapter is a
+    no-op for accelerated layers too; a merged layer keeps running PEFT's forward (the engine on
+    top of the merged weight would add the adapter twice), and unmerging returns to the engine.
+    The fused logits before merging are the reference."""
     config_kwargs = set_init_weights_false(config_cls, config_kwargs)
     model = peft_accelerated(from_pretrained(model_id), config_cls(**config_kwargs), fused)
     model.eval()
     torch.manual_seed(0)
+    logits_fused = model(**prepare_inputs_for_testing())[0]
+    _ran_fused(engine_calls, fused)
     model.merge_adapter()
+    calls = len(engine_calls)
     logits_0 = model(**prepare_inputs_for_testing())[0]
     with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
         model.merge_adapter()
     logits_1 = model(**prepare_inputs_for_testing())[0]
+    assert len(engine_calls) == calls  # merged: PEFT's forward, no engine call
     assert torch.allclose(logits_0, logits_1, atol=1e-6, rtol=1e-6)
+    atol, rtol = 1e-4, 1e-4  # fused vs merged, as in test_merge_layers
+    assert torch.allclose(logits_fused, logits_0, atol=atol, rtol=rtol)
+    model.unmerge_adapter()
+    logits_unmerged = model(**prepare_inputs_for_testing())[0]
+    assert len(engine_calls) - calls == fused
+    assert torch.allclose(logits_fused, logits_unmerged, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs, fused", TEST_CASES, ids=CASE_IDS)
@@ -335,27 +392,42 @@ def test_forward_output_finite(test_name, model_id, config_cls, config_kwargs, f
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs, fused", TEST_CASES, ids=CASE_IDS)
 def test_forward_16bit(test_name, model_id, config_cls, config_kwargs, fused, dtype, autocast_adapter_dtype, engine_calls):
     """TestPeftCustomModel.test_forward_float16 / _bfloat16 / _float16_no_autocast /
-    _bfloat16_no_autocast (the user casts the base model; adapters fp32 or not)."""
+    _bfloat16_no_autocast (the user casts the base model; adapters fp32 or not). Upstream checks
+    that nothing raises; here every forward (fused, merged, unmerged again) is also checked
+    against PEFT's own layers in float64. With ``init_weights=False``: upstream's default init
+    makes the adapter zero, which a fused forward that dropped it would match."""
     if model_id == "MHA":
         pytest.skip("upstream runs it; nn.MultiheadAttention in 16 bits on the CPU is not what is tested here")
     X = prepare_inputs_for_testing()
+    config_kwargs = set_init_weights_false(config_cls, config_kwargs)
     model = from_pretrained(model_id, dtype=dtype)
     model.dtype = dtype
     model = peft_accelerated(model, config_cls(**config_kwargs), fused, autocast_adapter_dtype=autocast_adapter_dtype)
     model.eval()
-    # check that none of this raises an error
-    model(**X)
+    _perturb_trainable_tokens(model, config_kwargs)
+    reference = peft_reference(model, model_id, config_cls, config_kwargs, autocast_adapter_dtype=autocast_adapter_dtype)
+    with torch.no_grad():
+        expected = reference(**X)
+
+    def check(output):
+        assert output.dtype == dtype
+        assert rel_err(output, expected) < TOL_16BIT[dtype]
+
+    # check that none of this raises an error, and that every output is right
+    check(model(**X))
     _ran_fused(engine_calls, fused)
     model.merge_adapter(safe_merge=False)
-    model(**X)
+    check(model(**X))
     model.unmerge_adapter()
-    model(**X)
+    calls = len(engine_calls)
+    check(model(**X))
+    assert len(engine_calls) - calls == fused
     model.merge_adapter(safe_merge=True)
-    model(**X)
+    check(model(**X))
     model.unmerge_adapter()
-    model(**X)
+    check(model(**X))
     model = model.merge_and_unload()
-    model(**X)
+    check(model(**X))
 
 
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs, fused", TEST_CASES, ids=CASE_IDS)

@@ -31,6 +31,7 @@ back into a freshly sharded one. A last test launches ``examples/fsdp_train.py``
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -599,6 +600,67 @@ def test_distributed_helpers_reject_bad_input(fsdp_run, tmp_path):
         with pytest.raises(ValueError, match=message):
             load_sharded_adapter(model, ckpt)
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), f"{what}: model changed"
+
+
+def _damaged_checkpoint(tmp_path, how):
+    """A single-process sharded checkpoint of the mixed Llama, its one ``.distcp`` file damaged."""
+    from pefttriton.integration.distributed import save_sharded_adapter
+
+    ckpt = tmp_path / "ckpt"
+    save_sharded_adapter(_llama("mixed", seed=7), ckpt)
+    (data,) = ckpt.glob("*.distcp")
+    raw = data.read_bytes()
+    if how == "truncated":  # cut in the last tensor: the first ones read fine (and were copied)
+        data.write_bytes(raw[: len(raw) - 64])
+    else:  # every byte after the first quarter zeroed
+        data.write_bytes(raw[: len(raw) // 4] + bytes(len(raw) - len(raw) // 4))
+    return ckpt
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed"])
+def test_damaged_checkpoint_changes_nothing(tmp_path, how):
+    """A damaged .distcp file fails inside DCP's read, after some tensors were read: the model is
+    left exactly as it was (the tensors are read into a staging copy first), and the error is a
+    ValueError naming the folder (DCP's own CheckpointException is a BaseException, which
+    ``except Exception`` misses). Consolidating it fails alike and writes no file. One process:
+    DCP saves and loads without a process group."""
+    from pefttriton.integration.distributed import consolidate_sharded_adapter, load_sharded_adapter
+
+    ckpt = _damaged_checkpoint(tmp_path, how)
+    model = _unsharded("mixed")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - an Exception at all is the first point
+        load_sharded_adapter(model, ckpt)
+    assert isinstance(caught.value, ValueError) and f"{ckpt}: cannot read" in str(caught.value), repr(caught.value)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed by a failed load"
+    with pytest.raises(ValueError, match=f"{re.escape(str(ckpt))}: cannot read"):
+        consolidate_sharded_adapter(ckpt, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_bad_setting_in_metadata_changes_nothing(tmp_path):
+    """A setting the layer refuses (LoRA dropout 1.5 in pefttriton_adapter.json) is found before any
+    tensor is read into the model, not by the setter after the tensors were copied."""
+    import json
+
+    from pefttriton.integration.distributed import METADATA_FILE, load_sharded_adapter, save_sharded_adapter
+
+    ckpt = tmp_path / "ckpt"
+    save_sharded_adapter(_llama("mixed", seed=7), ckpt)
+    meta = json.loads((ckpt / METADATA_FILE).read_text())
+    layer = "model.layers.1.self_attn.v_proj"
+    assert meta["layers"][layer]["adapter_type"] == "lora"
+    meta["layers"][layer]["kwargs"]["dropout"] = 1.5
+    (ckpt / METADATA_FILE).write_text(json.dumps(meta))
+    model = _unsharded("mixed")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = {n: (m.alpha, m.dropout) for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    with pytest.raises(ValueError, match=rf"{re.escape(str(ckpt))}: layer '{layer}'.*dropout"):
+        load_sharded_adapter(model, ckpt)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed by a failed load"
+    assert settings == {n: (m.alpha, m.dropout) for n, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
 def test_worker_wall_time(fsdp_run):

@@ -471,6 +471,31 @@ def test_merge_unmerge_16bit_keeps_copy(gen):
     assert torch.equal(layer.base_layer.weight, W0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 6e-3), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
+def test_merge_after_casting_the_whole_layer(backend, gen, variant, dtype, tol):
+    """``layer.half()`` / ``.bfloat16()`` casts the factors too (a whole model cast to 16 bits):
+    forward, merge, the merged forward and unmerge all work, against float64 references of the
+    layer's own 16-bit factors, and unmerge restores W0 bit for bit (16-bit weights keep a copy)."""
+    n, m, r = 20, 16, 2
+    layer = make_layer(gen, n, m, r, variant, dtype=torch.float32).to(dtype)
+    assert layer.lorma_A.dtype == layer.lorma_B.dtype == layer.base_layer.weight.dtype == dtype
+    W0, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach().double()
+    A, B = layer.lorma_A.detach().double(), layer.lorma_B.detach().double()
+    T = ref_multiplier(variant, A, B, layer.scale)
+    x = rnd(gen, 5, n, dtype=dtype)
+    y_ref = ref_layer(variant, x.double(), W0.double(), bias, A, B, layer.scale)
+    with torch.no_grad():
+        assert rel_err(layer(x), y_ref) < tol
+        assert rel_err(layer.delta_weight(), T @ W0.double() - W0.double()) < 1e-5
+        layer.merge()
+        assert layer.merged and layer.base_layer.weight.dtype == dtype
+        assert rel_err(layer.base_layer.weight, T @ W0.double()) < tol  # T W0 rounded once to 16 bits
+        assert rel_err(layer(x), y_ref) < tol
+        layer.unmerge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, W0)
+
+
 # ------------------------------------------------------------------------------ validation
 
 

@@ -273,3 +273,47 @@ def test_errors(tmp_path, gen):
         adapter_layers(vera)[0][1].projections.vera_A.mul_(2)
     with pytest.raises(ValueError, match="save_projection=True"):
         save_peft_adapter(vera, tmp_path / "vera", save_projection=False)
+
+
+def _model_state(model):
+    return {
+        "modules": {name: type(m) for name, m in model.named_modules()},
+        "params": {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()},
+    }
+
+
+def _assert_model_unchanged(model, before):
+    after = _model_state(model)
+    assert after["modules"] == before["modules"]
+    assert after["params"].keys() == before["params"].keys()
+    for name, (value, requires_grad) in before["params"].items():
+        assert torch.equal(after["params"][name][0], value) and after["params"][name][1] == requires_grad, name
+
+
+@pytest.mark.parametrize("broken", ["last_layer_shape", "last_layer_in_features", "last_saved_module"])
+def test_failed_load_changes_nothing(gen, broken):
+    """A PEFT adapter that does not fit at its last layer or its last module to save: the error
+    comes before the first layer is replaced or the first module overwritten ("norm" also names
+    every decoder layer's norms, by PEFT's suffix rule, so model.norm comes last)."""
+    base = tiny_llama()
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    _randomize_peft(peft_model, gen)
+    state = peft.get_peft_model_state_dict(peft_model)
+    last = "base_model.model.model.layers.1.self_attn.v_proj"
+    if broken == "last_layer_shape":
+        state[f"{last}.lora_B.weight"] = torch.zeros(9, 2)
+        pattern = r"layers\.1\.self_attn\.v_proj\.lora_B: expected shape \(10, 2\), got \(9, 2\)"
+    elif broken == "last_layer_in_features":
+        state[f"{last}.lora_A.weight"] = torch.zeros(2, 29)
+        pattern = r"layers\.1\.self_attn\.v_proj\.lora_A: expected shape \(2, 30\), got \(2, 29\)"
+    else:
+        key = next(k for k in state if k.startswith("base_model.model.model.norm"))
+        state[key] = torch.zeros(7)
+        pattern = r"model\.norm.*expected shape \(30,\), got \(7,\)"
+    target = copy.deepcopy(base)
+    before = _model_state(target)
+    with pytest.raises(ValueError, match=pattern):
+        load_peft_adapter(target, state, config)
+    _assert_model_unchanged(target, before)

@@ -63,12 +63,16 @@ def test_vera_projections_stored_when_not_redrawable(tmp_path, gen):
     base = tiny_llama()
     model = inject(copy.deepcopy(base), VeRAConfig(r=3, target_modules=["q_proj"]))
     _randomize(model, gen)
-    with torch.no_grad():  # e.g. projections loaded from a PEFT checkpoint drawn elsewhere
+    with torch.no_grad():  # e.g. projections loaded from a PEFT checkpoint drawn elsewhere: both differ
         adapter_layers(model)[0][1].projections.vera_A.mul_(1.5)
+        adapter_layers(model)[0][1].projections.vera_B.mul_(-0.5)
     save_adapter(model, tmp_path / "a.safetensors")
     keys = _file_keys(tmp_path / "a.safetensors")
     assert {"__projections__.0.vera_A", "__projections__.0.vera_B"} <= keys
+    # into a plain model and into one whose VeRA layers hold the seed's draw: both halves come back
     _assert_bit_identical(load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors"), model, token_ids(gen))
+    target = inject(copy.deepcopy(base), VeRAConfig(r=3, target_modules=["q_proj"]))
+    _assert_bit_identical(load_adapter(target, tmp_path / "a.safetensors"), model, token_ids(gen))
 
 
 def test_head_merged_layer_and_existing_fused_layers(tmp_path, gen):
@@ -89,6 +93,50 @@ def test_head_merged_layer_and_existing_fused_layers(tmp_path, gen):
     _assert_bit_identical(load_adapter(target, tmp_path / "a.safetensors"), model, token_ids(gen))
 
 
+def test_load_into_merged_layers(tmp_path, gen):
+    """Loading into fused layers that are merged (other adapter values, every adapter type): each
+    ends unmerged, holds the file's tensors bit for bit, and its base weight is W0 again, so the
+    model computes what the saved one does. Additive layers unmerge by subtraction and LoRMA plus by
+    the Woodbury identity (W0 within rounding); LoRMA naive keeps a copy (W0 exactly)."""
+    from pefttriton.adapters.config import DeepLoRAConfig
+
+    from helpers import rel_err
+
+    base = tiny_llama()
+    configs = [
+        VeRAConfig(r=4, target_modules=["q_proj"]), LoRAConfig(r=2, target_modules=["v_proj"]),
+        DeepLoRAConfig(r=2, target_modules=["gate_proj"]), LoRMAConfig(r=2, alpha=0.5, variant="plus", target_modules=["up_proj"]),
+        LoRMAConfig(r=2, variant="naive", target_modules=["o_proj"]),
+    ]
+
+    def build(seed):
+        model = copy.deepcopy(base)
+        for config in configs:
+            inject(model, config)
+        randomize_adapters(model, torch.Generator().manual_seed(seed), scale=0.1)  # with alpha 0.5: LoRMA plus T near I
+        return model.eval()
+
+    saved = build(1)
+    save_adapter(saved, tmp_path / "a.safetensors")
+    target = build(2)
+    for _, layer in adapter_layers(target):
+        layer.merge()
+    assert any(layer.base_weight_copy is None for _, layer in adapter_layers(target) if hasattr(layer, "lorma_A"))
+    load_adapter(target, tmp_path / "a.safetensors")
+    base_weights = dict(base.named_parameters())
+    for (name, layer), (_, want) in zip(adapter_layers(target), adapter_layers(saved)):
+        assert not layer.merged, name
+        for pname, p in layer.adapter_parameters().items():
+            assert torch.equal(p, want.adapter_parameters()[pname]), f"{name}.{pname}"
+        w0 = base_weights[f"{name}.weight"]
+        assert rel_err(layer.base_layer.weight, w0) < 1e-6, name
+        if getattr(layer, "variant", None) == "naive":
+            assert torch.equal(layer.base_layer.weight, w0), name
+    ids = token_ids(gen)
+    with torch.no_grad():
+        assert rel_err(model_output(target, ids), model_output(saved, ids)) < 1e-5
+
+
 def test_errors(tmp_path):
     from safetensors.torch import save_file
 
@@ -105,6 +153,33 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="rank 3"):
         load_adapter(other, tmp_path / "a.safetensors")
     assert isinstance(adapter_layers(model)[0][1].projections, VeRAProjections)
+
+
+def test_unreadable_files_named(tmp_path):
+    """A file that is not safetensors, one cut short, and metadata that is not JSON: ValueError
+    naming the file and saying why (not safetensors' own error from deep inside); nothing changes."""
+    model = inject(tiny_llama(), VeRAConfig(r=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a.safetensors")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "json.safetensors"), metadata={"pefttriton": "{not json"})
+    target = inject(tiny_llama(), VeRAConfig(r=4, target_modules=["q_proj"]))
+    before = _snapshot(target)
+    for name, pattern in (
+        ("text", r"text\.safetensors is not a readable safetensors file"),
+        ("cut", r"cut\.safetensors is not a readable safetensors file"),
+        ("json", r"json\.safetensors: the 'pefttriton' metadata is not valid JSON"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            load_adapter(target, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=pattern):
+            read_adapter(tmp_path / f"{name}.safetensors")
+    _assert_unchanged(target, before)
 
 
 # ------------------------------------------------------------------------------ settings restored

@@ -41,13 +41,27 @@ def make_bank(gen, n, m, r, K, *, dtype=torch.float32, bias=True, seed=3):
     return bank
 
 
+def ids_per_row(ids, x):
+    """``ids`` as one id per token row of ``x`` (..., n), expanded here rather than by the op's own
+    helper: shape ``x.shape[:-1]`` or (N,) as they are, (batch,) repeated over each sequence, ()
+    for every row."""
+    lead = x.shape[:-1]
+    N = lead.numel()
+    if ids.dim() == 0:
+        return torch.full((N,), int(ids), dtype=torch.int64)
+    if ids.numel() == N:
+        return ids.flatten()
+    assert ids.dim() == 1 and len(lead) >= 2 and ids.shape[0] == lead[0], (ids.shape, lead)
+    return ids.repeat_interleave(N // lead[0])
+
+
 def oracle(bank, x, ids):
-    """``vera_bank_reference`` on float64 copies of the bank's tensors."""
+    """``vera_bank_reference`` on float64 copies of the bank's tensors, ids expanded by ``ids_per_row``."""
     A, B = bank.projection_slices()
     base = bank.base_layer
     bias = None if base.bias is None else base.bias.double()
     return vera_bank_reference(x.double(), base.weight.double(), bias, A.double(), B.double(),
-                               bank.lambda_d.double(), bank.lambda_b.double(), ids)
+                               bank.lambda_d.double(), bank.lambda_b.double(), ids_per_row(ids, x))
 
 
 def single_layer(bank, k):
@@ -213,7 +227,8 @@ def test_training_several_adapters_in_one_batch_torch_path(gen):
     ref_in = [x.detach().clone().requires_grad_(True), bank.lambda_d.detach().clone().requires_grad_(True),
               bank.lambda_b.detach().clone().requires_grad_(True)]
     A, B = bank.projection_slices()
-    y_ref = vera_bank_reference(ref_in[0], bank.base_layer.weight, bank.base_layer.bias, A, B, ref_in[1], ref_in[2], ids)
+    y_ref = vera_bank_reference(ref_in[0], bank.base_layer.weight, bank.base_layer.bias, A, B, ref_in[1], ref_in[2],
+                                ids_per_row(ids, x))
     ref_grads = torch.autograd.grad(y_ref.square().sum(), ref_in)
     for g, g_ref in zip(grads, ref_grads):
         assert rel_err(g, g_ref) < TOL[torch.float64]
@@ -265,6 +280,23 @@ def test_state_dict_round_trip(gen):
         torch.testing.assert_close(fresh(x, adapter_ids=ids), bank(x, adapter_ids=ids), rtol=0, atol=0)
 
 
+def test_state_dict_that_does_not_fit_changes_nothing(gen):
+    """load_state_dict with tables of another width or names for another number of slots raises
+    and leaves the bank as it was (it used to take the saved height, names and lambda_d first)."""
+    bank = make_bank(gen, 8, 6, 4, 2)
+    before = copy.deepcopy(bank.state_dict())
+    state = make_bank(gen, 8, 6, 4, 4).state_dict()
+    state.update({k: v for k, v in before.items() if k.startswith("base_layer.")})  # only the bank's own part differs
+    narrow = dict(state, lambda_b=state["lambda_b"][:, :3])
+    names = torch.tensor(list(b'["x", null, "y"]'), dtype=torch.uint8)  # 3 names for 4 slots
+    for bad, pattern in ((narrow, "lambda_b"), (dict(state, _extra_state=names), "names of 4 slots")):
+        with pytest.raises(RuntimeError, match=pattern):
+            bank.load_state_dict(bad)
+        after = bank.state_dict()
+        assert bank.adapters == {"a0": 0, "a1": 1} and bank.num_slots == 2
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_bad_inputs(gen):
     bank = make_bank(gen, 8, 6, 4, 3)
     x = torch.randn(2, 5, 8, generator=gen)
@@ -310,6 +342,131 @@ def test_custom_op_registration(gen, path):
     ids = torch.randint(-1, 3, (10,), generator=gen)
     args = (x, bank.base_layer.weight.detach(), bank.base_layer.bias.detach(), A, B, bank.lambda_d, bank.lambda_b, ids, path)
     torch.library.opcheck(ops._vera_bank_linear, args)
+
+
+# ------------------------------------------------------------------------------ id dtypes, ranges, changes
+
+
+SMALL_ID_DTYPES = [torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("id_dtype", SMALL_ID_DTYPES, ids=lambda dt: str(dt).removeprefix("torch."))
+def test_every_integer_id_dtype(backend, gen, id_dtype):
+    """Ids of any accepted integer dtype select the same adapters as int64 ones, through the op, the
+    layer, an adapter_ids block and (torch backend) the differentiable path. K == N: indexing a
+    table with a uint8 tensor treats it as a boolean mask, which then fits the table and picks
+    other rows without any error."""
+    N = K = 6
+    bank = make_bank(gen, 8, 5, 4, K)
+    x = torch.randn(N, 8, generator=gen)
+    # no id 0 for uint8: as a mask of six True values it would give row t adapter t, silently
+    signed = [5, -1, 3, 3, 1, 2] if id_dtype != torch.uint8 else [5, 2, 3, 3, 1, 4]
+    ids = torch.tensor(signed).to(id_dtype)
+    expected = oracle(bank, x, torch.tensor(signed))
+    A, B = bank.projection_slices()
+    with torch.no_grad():
+        y = vera_bank_linear(x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d,
+                             bank.lambda_b, ids)
+        assert rel_err(y, expected) < TOL[torch.float32]
+        assert rel_err(bank(x, adapter_ids=ids), expected) < TOL[torch.float32]
+        model = nn.Sequential(bank)
+        with adapter_ids(model, ids):
+            assert rel_err(model(x), expected) < TOL[torch.float32]
+        one = torch.tensor(3).to(id_dtype)  # all rows one adapter: the single-adapter engine
+        assert rel_err(bank(x, adapter_ids=one), oracle(bank, x, torch.full((N,), 3))) < TOL[torch.float32]
+    if backend == "torch":  # with a gradient: the plain PyTorch path, which gathers with the ids
+        xg = x.clone().requires_grad_(True)
+        y = bank(xg, adapter_ids=ids)
+        assert rel_err(y, expected) < TOL[torch.float32]
+        (grad,) = torch.autograd.grad(y.sum(), xg)
+        ref_x = x.double().requires_grad_(True)
+        (ref_grad,) = torch.autograd.grad(oracle(bank, ref_x, torch.tensor(signed)).sum(), ref_x)
+        assert rel_err(grad, ref_grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("id_dtype", [torch.uint16, torch.uint32, torch.uint64, torch.bool],
+                         ids=lambda dt: str(dt).removeprefix("torch."))
+def test_unsupported_id_dtypes_refused(gen, id_dtype):
+    """Unsigned 16/32/64-bit ids (barely supported by PyTorch; uint64 above 2**63 - 1 would wrap to
+    negative ids) and bool are refused with an error naming adapter_ids, everywhere ids enter."""
+    bank = make_bank(gen, 8, 5, 4, 3)
+    x = torch.randn(2, 8, generator=gen)
+    ids = torch.tensor([1, 0]).to(id_dtype)
+    A, B = bank.projection_slices()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"adapter_ids must have an integer dtype.*int8 or uint8.*got torch\.%s"
+                           % str(id_dtype).removeprefix("torch.")):
+            vera_bank_linear(x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d, bank.lambda_b, ids)
+        with pytest.raises(TypeError, match="adapter_ids must have an integer dtype"):
+            bank(x, adapter_ids=ids)
+        with pytest.raises(TypeError, match="adapter_ids must have an integer dtype"):
+            with adapter_ids(nn.Sequential(bank), ids):
+                pass
+
+
+def test_id_range_is_not_public(gen):
+    """``id_range`` cannot be checked without reading the ids, which is what it would spare: it is
+    not part of vera_bank_linear (a wrong one routed every row of a mixed batch through one adapter
+    without a word). The bank's private entry, which gets it from an adapter_ids block, checks its
+    form and bounds."""
+    from pefttriton.ops import vera_bank as ops
+
+    bank = make_bank(gen, 8, 5, 4, 3)
+    x = torch.randn(4, 8, generator=gen)
+    ids = torch.tensor([0, 2, 1, 0])
+    A, B = bank.projection_slices()
+    args = (x, bank.base_layer.weight, bank.base_layer.bias, A, B, bank.lambda_d, bank.lambda_b, ids)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="id_range"):
+            vera_bank_linear(*args, id_range=(0, 0))
+        torch.testing.assert_close(ops._vera_bank_in_range(*args, id_range=(0, 2)), oracle(bank, x, ids).float())
+        for bad, error, pattern in (
+            ((5, 5), ValueError, r"id_range must lie in \[-1, 3\).*\(5, 5\)"),
+            ((2, 0), ValueError, r"smallest <= largest.*\(2, 0\)"),
+            ((-2, 0), ValueError, r"id_range must lie in \[-1, 3\)"),
+            ([0, 2], TypeError, r"id_range must be a tuple of two ints"),
+            ((0, 2.0), TypeError, r"id_range must be a tuple of two ints"),
+            ((True, 2), TypeError, r"id_range must be a tuple of two ints"),
+        ):
+            with pytest.raises(error, match=pattern):
+                ops._vera_bank_in_range(*args, id_range=bad)
+
+
+def test_adapters_changed_inside_an_ids_block(gen):
+    """An adapter removed or replaced inside an adapter_ids block that selects it: the next forward
+    raises naming it (it used to die with an IndexError, or silently compute the base layer or
+    another adapter for those rows); rows that do not use it run on, correctly."""
+    x = torch.randn(3, 8, generator=gen)
+    with torch.no_grad():
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        with adapter_ids(model, ["a0", "a2", -1]):  # the trailing slot: the tables shrink
+            bank.remove_adapter("a2")
+            with pytest.raises(ValueError, match=r"adapter 'a2' \(id 2\) was removed.*adapter_ids"):
+                model(x)
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        with adapter_ids(model, torch.tensor([1, 0, 1])):  # a slot in the middle: zeroed, then reused
+            bank.remove_adapter("a1")
+            with pytest.raises(ValueError, match=r"adapter 'a1' \(id 1\) was removed"):
+                model(x)
+            bank.add_adapter("other", torch.ones(4), torch.ones(6))
+            assert bank.adapter_id("other") == 1
+            with pytest.raises(ValueError, match=r"id 1 selected 'a1'.*now holds 'other'"):
+                model(x)
+        bank = make_bank(gen, 8, 6, 4, 3)
+        model = nn.Sequential(bank)
+        ids = torch.tensor([0, -1, 2])
+        with adapter_ids(model, ids):
+            bank.remove_adapter("a1")  # not used by these rows
+            assert rel_err(model(x), oracle(bank, x, ids)) < TOL[torch.float32]
+            before = model(x)
+            d, b = bank.lambda_d[2].clone(), 2 * bank.lambda_b[2]
+            bank.remove_adapter("a2")  # replaced under the same name and id (load_into_banks(replace=True))
+            bank.add_adapter("a2", d, b, adapter_id=2)
+            after = model(x)
+            assert rel_err(after, oracle(bank, x, ids)) < TOL[torch.float32]
+            assert not torch.allclose(after[2], before[2]) and torch.equal(after[:2], before[:2])
 
 
 # ------------------------------------------------------------------------------ models
@@ -424,6 +581,57 @@ def test_load_into_banks_errors(tmp_path, gen):
     other[0] = VeRABank(other[0], 2, projections=VeRAProjections(2, 4, 4, seed=1))
     with pytest.raises(ValueError, match="not VeRA banks of the model"):
         load_into_banks(other, "x", tmp_path / "ok")
+
+
+def test_load_into_banks_unreadable_files(tmp_path, gen):
+    """A file that is not safetensors (or is cut short), as a pefttriton file or inside a PEFT
+    directory: ValueError naming the file and saying why; the banks are unchanged."""
+    import shutil
+
+    _peft_vera(tiny_llama(), gen, tmp_path, "ok")
+    model = inject_banks(tiny_llama(), ["q_proj", "v_proj"], r=8, projection_seed=7)
+    load_into_banks(model, "first", tmp_path / "ok")
+    before = copy.deepcopy(model.state_dict())
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    weights = (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(weights[: len(weights) // 2])
+    shutil.copytree(tmp_path / "ok", tmp_path / "cut_peft")
+    (tmp_path / "cut_peft" / "adapter_model.safetensors").write_bytes(weights[:-7])
+    shutil.copytree(tmp_path / "ok", tmp_path / "bad_config")
+    (tmp_path / "bad_config" / "adapter_config.json").write_text("{not json")
+    for path, pattern in (
+        (tmp_path / "text.safetensors", r"text\.safetensors is not a readable safetensors file"),
+        (tmp_path / "cut.safetensors", r"cut\.safetensors is not a readable safetensors file"),
+        (tmp_path / "cut_peft", r"cut_peft/adapter_model\.safetensors is not a readable safetensors file"),
+        (tmp_path / "bad_config", r"bad_config/adapter_config\.json is not valid JSON"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            load_into_banks(model, "second", path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_load_into_banks_replace_fails_before_any_change(tmp_path, gen):
+    """replace=True with a file whose vectors cannot go into a bank (integer lambda_b in its last
+    layer): the error comes before the old adapter is removed from any bank."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _peft_vera(tiny_llama(), gen, tmp_path, "ok")
+    model = inject_banks(tiny_llama(), ["q_proj", "v_proj"], r=8, projection_seed=7)
+    load_into_banks(model, "a", tmp_path / "ok")
+    before = copy.deepcopy(model.state_dict())
+    shutil.copytree(tmp_path / "ok", tmp_path / "int")
+    weights = tmp_path / "int" / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = max(k for k in state if k.endswith("vera_lambda_b"))
+    state[key] = state[key].round().to(torch.int32)
+    save_file(state, str(weights))
+    with pytest.raises(TypeError, match=r"layer .*v_proj.* holds lambda_d torch\.float32 and lambda_b torch\.int32"):
+        load_into_banks(model, "a", tmp_path / "int", replace=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 # ------------------------------------------------------------------------------ README

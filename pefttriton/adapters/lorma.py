@@ -150,9 +150,17 @@ class FusedLoRMALinear(AdapterLayer):
         self._check_invertible()
         return self._woodbury_unmerged(weight.to(self.param_dtype))
 
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lorma_A``, ``lorma_B`` in :attr:`param_dtype`, for the update's math (merge, unmerge,
+        ``delta_weight``). The factors are float32 unless the whole layer was cast (``.half()``,
+        ``.to(torch.bfloat16)``), which casts them with the base weight: then they are widened here,
+        since ``W0`` is read in :attr:`param_dtype` too."""
+        dtype = self.param_dtype
+        return self.lorma_A.to(dtype), self.lorma_B.to(dtype)
+
     def multiplier(self) -> torch.Tensor:
         """The (m, m) multiplier ``T`` with ``W = T W0``; for analysis (forward never forms it for plus/naive)."""
-        A, B, s = self.lorma_A, self.lorma_B, self.scale
+        (A, B), s = self._factors(), self.scale
         if self.variant == "pi":
             return shift_product(B, A, s).to(A.dtype)
         T = s * (B @ A)
@@ -170,7 +178,7 @@ class FusedLoRMALinear(AdapterLayer):
         plus: ``s B (A W0)`` (rank <= r); pi: ``(s shift(B A) - I) W0``; naive: ``s B (A W0) - W0``.
         """
         W0 = self.base_weight()
-        A, B, s = self.lorma_A, self.lorma_B, self.scale
+        (A, B), s = self._factors(), self.scale
         if self.variant == "plus":
             return s * (B @ (A @ W0))
         if self.variant == "naive":
@@ -187,7 +195,7 @@ class FusedLoRMALinear(AdapterLayer):
         k <= 2r, orthonormal basis Q) into itself, so its singular values are those of
         ``I_k + (Q^T s B)(A Q)`` and, when k < m, ones.
         """
-        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        A, B = (t.detach() for t in self._factors())
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             return math.inf  # a broken adapter: T is not invertible in any useful sense
         U = self.scale * B
@@ -207,12 +215,12 @@ class FusedLoRMALinear(AdapterLayer):
             )
 
     def _woodbury_core(self) -> torch.Tensor:
-        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        A, B = (t.detach() for t in self._factors())
         return torch.eye(self.r, device=A.device, dtype=A.dtype) + self.scale * (A @ B)
 
     def _woodbury_unmerged(self, W: torch.Tensor) -> torch.Tensor:
         # (I + s B A)^{-1} = I - s B (I_r + s A B)^{-1} A
-        A, B = self.lorma_A.detach(), self.lorma_B.detach()
+        A, B = (t.detach() for t in self._factors())
         return W - self.scale * (B @ torch.linalg.solve(self._woodbury_core(), A @ W))
 
     @torch.no_grad()

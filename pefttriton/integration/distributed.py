@@ -45,7 +45,14 @@ import torch
 from torch import nn
 
 from pefttriton.integration.save import _META_KEY, _PROJECTIONS_PREFIX, FORMAT_VERSION, _redrawn_equal, adapter_checkpoint
-from pefttriton.integration.surgery import adapter_layers, add_modules_to_save, has_submodule
+from pefttriton.integration.surgery import (
+    adapter_layers,
+    add_modules_to_save,
+    build_layer,
+    has_submodule,
+    meta_linear,
+    meta_twin,
+)
 from pefttriton.adapters.vera import VeRAProjections
 
 METADATA_FILE = "pefttriton_adapter.json"
@@ -284,6 +291,13 @@ def _check_layers(model: nn.Module, meta: dict, path: str) -> tuple[list, dict[i
                     f"{path}: layer {name!r}: the model's VeRA projections are not the draw of seed {proj.seed}, "
                     "which the checkpoint relies on"
                 )
+        # The values too: a setting the layer refuses must fail here, not in its setter after the
+        # tensors were read (a twin of the layer on the meta device, with the checkpoint's settings).
+        twin_kwargs = {**kwargs, "projections": meta_twin(layer.projections)} if kind == "vera" else kwargs
+        try:
+            build_layer(kind, meta_linear(layer.base_layer), r, twin_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: layer {name!r}: {exc}") from exc
         settings = {k: v for k, v in kwargs.items() if k not in layer.fixed_settings}
         plans.append((name, layer, settings))
     return plans, shared
@@ -316,6 +330,34 @@ def _destination(model: nn.Module, shapes: dict, plans: list, shared: dict, path
     return dest
 
 
+def _dcp_failure(exc: BaseException) -> str:
+    """DCP's error in a line per failed rank (``CheckpointException``'s own text holds whole tracebacks)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return f"{type(exc).__name__}: {exc}"
+    lines = []
+    for rank, (error, _) in sorted(failures.items()):
+        text = str(error).strip().splitlines()
+        lines.append(f"rank {rank}: {type(error).__name__}{': ' + text[0] if text else ''}")
+    return "; ".join(lines)
+
+
+def _read_tensors(state: dict[str, torch.Tensor], path: str, process_group, no_dist: bool) -> None:
+    """``dcp.load`` into ``state``; a failure of the read (a damaged or missing ``.distcp`` file) as
+    a ``ValueError`` naming ``path``. DCP raises ``CheckpointException``, a ``BaseException`` that
+    ``except Exception`` does not catch."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quietly():
+            dcp.load(state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
+    except (CheckpointException, Exception) as exc:  # noqa: BLE001 - every read failure, named
+        raise ValueError(
+            f"{path}: cannot read the checkpoint's tensors (a damaged or missing .distcp file?): {_dcp_failure(exc)}"
+        ) from exc
+
+
 def load_sharded_adapter(model: nn.Module, path: str | os.PathLike, *, process_group=None) -> nn.Module:
     """Load a checkpoint of :func:`save_sharded_adapter` into ``model``, in place; returns ``model``.
 
@@ -328,17 +370,20 @@ def load_sharded_adapter(model: nn.Module, path: str | os.PathLike, *, process_g
 
     When ``model`` holds ``DTensor`` parameters this is a collective over ``process_group``; an
     unsharded model loads in this process alone (each rank that calls it reads the whole, small,
-    checkpoint). Everything is checked before anything is written.
+    checkpoint). All or nothing: everything is checked first, and the tensors are read into a
+    staging copy (this rank's shards: the adapter's size once more, for the duration of the load)
+    that is copied into the model only when every read succeeded; a failed load leaves ``model``
+    as it was.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or is FSDP1), ``path`` is not a path.
         ValueError: ``path`` is not a sharded adapter checkpoint; a layer it names is missing or is
-            another adapter type, rank, variant or merged state; VeRA projections of another seed
-            or size; a tensor without a parameter of its name and full shape; an adapter
-            parameter the checkpoint lacks. The message names the layer or tensor.
+            another adapter type, rank, variant or merged state, or has a setting the layer
+            refuses; VeRA projections of another seed or size; a tensor without a parameter of its
+            name and full shape; an adapter parameter the checkpoint lacks; a ``.distcp`` file
+            that cannot be read (damaged, cut short, missing). The message names the folder and
+            the layer or tensor.
     """
-    import torch.distributed.checkpoint as dcp
-
     model = _bare_model(model)
     meta, shapes = read_sharded_metadata(path)
     path = os.fspath(path)
@@ -349,10 +394,14 @@ def load_sharded_adapter(model: nn.Module, path: str | os.PathLike, *, process_g
     missing = [name for name in saved_modules if not isinstance(name, str) or name not in module_names]
     if missing:
         raise ValueError(f"{path}: modules_to_save names modules the model does not have: {missing[:8]}")
-    # Everything checked: from here on only DCP's reads can fail.
+    # Everything checked: only DCP's reads can fail now, and they go into a staging copy (DTensors
+    # of the same placements under FSDP2), so that a damaged file leaves the model as it was.
     sharded = any(_is_distributed(t) for t in dest.values())
-    with _single_process_quietly():
-        dcp.load(dest, checkpoint_id=path, process_group=process_group, no_dist=not sharded)
+    staging = {key: torch.empty_like(target) for key, target in dest.items()}
+    _read_tensors(staging, path, process_group, no_dist=not sharded)
+    with torch.no_grad():
+        for key, target in dest.items():
+            target.copy_(staging[key])
     for _, layer, settings in plans:
         for setting, value in settings.items():
             setattr(layer, setting, value)
@@ -372,14 +421,12 @@ def consolidate_sharded_adapter(path: str | os.PathLike, out_file: str | os.Path
     Returns:
         ``{"tensors": count, "bytes": tensor bytes}`` of what was written.
     """
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     meta, shapes = read_sharded_metadata(path)
     out_file = _check_path(out_file)
     tensors = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in shapes.items()}
-    with _single_process_quietly():
-        dcp.load(tensors, checkpoint_id=os.fspath(path), no_dist=True)
+    _read_tensors(tensors, os.fspath(path), None, no_dist=True)  # a ValueError, and no file written
     save_file(tensors, out_file, metadata={_META_KEY: json.dumps(meta)})
     return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 

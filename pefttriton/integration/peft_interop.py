@@ -77,10 +77,14 @@ from pefttriton.integration.surgery import (
     adapter_layers,
     add_modules_to_save,
     as_linear,
+    build_layer,
+    check_tensors,
     copy_tensors,
     freeze_all_but_adapters,
     has_submodule,
     is_conv1d,
+    meta_linear,
+    meta_twin,
     modules_to_save,
     replace_module,
     wrap,
@@ -159,11 +163,23 @@ def _install(model: nn.Module, adapter_type: str, layers: dict[str, dict], share
     ``layers[name]`` holds ``r``, ``kwargs`` for the layer and ``tensors`` ({param name: tensor});
     ``shared`` holds keyword arguments every layer shares (VeRA's ``projections``).
     """
+    for name, spec in layers.items():  # all or nothing: every layer checked before the first is replaced
+        _check_layer(model, name, adapter_type, spec, shared)
     for name, spec in layers.items():
-        _check_target(model, name)
         wrap(model, name, adapter_type, spec["r"], {**spec["kwargs"], **(shared or {})}, tensors=spec["tensors"])
     freeze_all_but_adapters(model)
     return model
+
+
+def _check_layer(model: nn.Module, name: str, adapter_type: str, spec: dict, shared: dict | None = None) -> None:
+    """What :func:`_install` will do at ``name`` cannot fail: the module is an ``nn.Linear`` /
+    ``Conv1D``, the layer's constructor takes ``r`` and the settings, and every tensor has a
+    parameter of its name and shape; checked on a twin of the layer built on the meta device (the
+    model is not touched)."""
+    _check_target(model, name)
+    shared = {k: meta_twin(v) if isinstance(v, VeRAProjections) else v for k, v in (shared or {}).items()}
+    twin = build_layer(adapter_type, meta_linear(model.get_submodule(name)), spec["r"], {**spec["kwargs"], **shared})
+    check_tensors(twin.adapter_parameters(), spec["tensors"], name)
 
 
 # ------------------------------------------------------------------------------ from PEFT layers
@@ -322,7 +338,14 @@ def from_peft_model(peft_model: nn.Module, adapter_name: str = "default", *, pro
 
 
 def read_peft_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state_dict, config dict)`` of a PEFT adapter directory (safetensors weights only)."""
+    """``(state_dict, config dict)`` of a PEFT adapter directory (safetensors weights only).
+
+    Raises:
+        FileNotFoundError: a file of the two is missing.
+        ValueError naming the file: the weights are not a readable safetensors file (another
+            format, cut short), the config is not a JSON object.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -330,8 +353,18 @@ def read_peft_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.
     for path in (weights, config):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (a PEFT adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})")
-    with open(config, encoding="utf-8") as f:
-        return load_file(str(weights)), json.load(f)
+    try:
+        with open(config, encoding="utf-8") as f:
+            config_dict = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config} is not valid JSON: {exc}") from exc
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{config} must hold a JSON object, got {type(config_dict).__name__}")
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:  # safetensors' own message says what is wrong, not where
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    return state, config_dict
 
 
 def _config_dict(config) -> dict:
@@ -450,11 +483,17 @@ def load_peft_adapter(
     clash = [(layer, name) for layer in layers for name in saved if _inside(layer, name) or _inside(name, layer)]
     if clash:
         raise ValueError(f"the PEFT adapter both adapts and fully saves {clash[:4]}; a module is one or the other")
+    # All or nothing: the modules to save and every layer are checked before anything is written.
+    for name, tensors in saved.items():
+        check_tensors(model.get_submodule(name).state_dict(), tensors, name)
+    shared = {"projections": projections} if projections is not None else None
+    for name, spec in layers.items():
+        _check_layer(model, name, adapter_type, spec, shared)
     for name, tensors in saved.items():
         copy_tensors(model.get_submodule(name).state_dict(), tensors, name)
     if saved:
         add_modules_to_save(model, list(saved))  # freeze_all_but_adapters (in _install) keeps them trainable
-    return _install(model, adapter_type, layers, {"projections": projections} if projections is not None else None)
+    return _install(model, adapter_type, layers, shared)
 
 
 def _vera_layers(model, state_dict, cfg) -> tuple[dict, VeRAProjections]:

@@ -46,6 +46,8 @@ from pefttriton.integration.surgery import (
     build_layer,
     has_submodule,
     is_conv1d,
+    meta_linear,
+    meta_twin,
     modules_to_save,
     wrap,
 )
@@ -146,15 +148,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, metadata)`` of a file written by :func:`save_adapter`."""
-    from safetensors import safe_open
+    """``(tensors, metadata)`` of a file written by :func:`save_adapter`.
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(_META_KEY)
-        if raw is None:
-            raise ValueError(f"{path} is not a pefttriton adapter file (no {_META_KEY!r} metadata)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    meta = json.loads(raw)
+    Raises:
+        ValueError naming ``path``: not a readable safetensors file (another format, cut short),
+            no pefttriton metadata or metadata that is not a JSON object, another format version.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            if raw is None:
+                raise ValueError(f"{path} is not a pefttriton adapter file (no {_META_KEY!r} metadata)")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as exc:  # safetensors' own message says what is wrong, not where
+        raise ValueError(f"{path} is not a readable safetensors file (a pefttriton adapter file is one): {exc}") from exc
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: the {_META_KEY!r} metadata is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the {_META_KEY!r} metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
     return tensors, meta
@@ -249,23 +264,6 @@ def _use_rslora_from_scale(name: str, scale, alpha, r: int) -> bool:
     if scale == alpha / math.sqrt(r):
         return True
     raise ValueError(f"layer {name!r}: scale {scale!r} is neither alpha / r nor alpha / sqrt(r) (alpha={alpha!r}, r={r})")
-
-
-def _meta_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` on the meta device shaped like ``module`` (an ``nn.Linear`` or a ``Conv1D``),
-    as :func:`load_adapter` would wrap it: planning must not touch the real layer, because building
-    a fused layer freezes its base layer."""
-    weight = module.weight
-    in_features, out_features = weight.shape if is_conv1d(module) else reversed(weight.shape)
-    return nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta", dtype=weight.dtype)
-
-
-def _meta_projections(projections: VeRAProjections, dtype: torch.dtype) -> VeRAProjections:
-    """A meta-device stand-in for ``projections`` in ``dtype`` (same r, sizes and seed; nothing drawn)."""
-    twin = VeRAProjections(projections.r, 0, 0, seed=projections.seed, dtype=dtype, device="meta")
-    twin.vera_A = torch.empty(projections.vera_A.shape, dtype=dtype, device="meta")
-    twin.vera_B = torch.empty(projections.vera_B.shape, dtype=dtype, device="meta")
-    return twin
 
 
 @dataclass
@@ -369,10 +367,10 @@ def _plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> lis
                 )
             # A new layer gets the shared pair as it is (the constructor checks its dtype); a reused
             # one casts its slices to its own dtype.
-            meta_projections = _meta_projections(projections, weight.dtype if existing else projections.vera_A.dtype)
+            meta_projections = meta_twin(projections, weight.dtype if existing else projections.vera_A.dtype)
         shared_kwargs = {"projections": meta_projections} if kind == "vera" else {}
         try:
-            meta_layer = build_layer(kind, _meta_linear(base), r, {**kwargs, **shared_kwargs})
+            meta_layer = build_layer(kind, meta_linear(base), r, {**kwargs, **shared_kwargs})
         except (TypeError, ValueError) as exc:
             raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"layer {name!r}: {exc}") from exc
         if existing is not None:

@@ -28,6 +28,7 @@ from torch import nn
 from pefttriton.adapters.adapter_layer import AdapterLayer
 from pefttriton.adapters.config import AdapterConfig
 from pefttriton.adapters.registry import get_adapter, layer_classes
+from pefttriton.adapters.vera import VeRAProjections
 
 # ----------------------------------------------------------------------------- GPT-2's Conv1D
 
@@ -84,6 +85,25 @@ def as_linear(module: nn.Module, name: str) -> tuple[nn.Linear, bool]:
         f"{name!r} is a {type(module).__name__}; only torch.nn.Linear and transformers' Conv1D can be adapted "
         "(name the linear layers inside it instead)"
     )
+
+
+def meta_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` on the meta device shaped like ``module`` (an ``nn.Linear`` or a ``Conv1D``),
+    as :func:`wrap` would wrap it: for checking what a fused layer over ``module`` would hold without
+    touching it (building a fused layer freezes its base layer) or allocating anything."""
+    weight = module.weight
+    in_features, out_features = weight.shape if is_conv1d(module) else reversed(weight.shape)
+    return nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta", dtype=weight.dtype)
+
+
+def meta_twin(projections: VeRAProjections, dtype: torch.dtype | None = None) -> VeRAProjections:
+    """A meta-device stand-in for shared VeRA ``projections``, in ``dtype`` (theirs when None): same
+    r, sizes and seed, nothing drawn; what a VeRA layer built over :func:`meta_linear` takes."""
+    dtype = projections.vera_A.dtype if dtype is None else dtype
+    twin = VeRAProjections(projections.r, 0, 0, seed=projections.seed, dtype=dtype, device="meta")
+    twin.vera_A = torch.empty(projections.vera_A.shape, dtype=dtype, device="meta")
+    twin.vera_B = torch.empty(projections.vera_B.shape, dtype=dtype, device="meta")
+    return twin
 
 
 # ------------------------------------------------------------------------------ finding modules
@@ -154,14 +174,20 @@ def build_layer(
     return get_adapter(adapter_type).layer_class(base_layer, r, fan_in_fan_out=fan_in_fan_out, **(kwargs or {}))
 
 
-def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], name: str) -> None:
-    """Copy ``tensors`` into the same-named ``targets`` (parameters, or a ``state_dict()``'s
-    tensors, which share their storage), every name and shape checked before anything is written."""
+def check_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Every one of ``tensors`` has a same-named tensor of its shape in ``targets`` (which may lie
+    on the meta device); else ValueError naming the module ``name`` and the tensor."""
     for key, value in tensors.items():
         if key not in targets:
             raise ValueError(f"{name}: the source holds {key!r}, which the module does not have ({sorted(targets)})")
         if tuple(value.shape) != tuple(targets[key].shape):
             raise ValueError(f"{name}.{key}: expected shape {tuple(targets[key].shape)}, got {tuple(value.shape)}")
+
+
+def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Copy ``tensors`` into the same-named ``targets`` (parameters, or a ``state_dict()``'s
+    tensors, which share their storage), every name and shape checked before anything is written."""
+    check_tensors(targets, tensors, name)
     with torch.no_grad():
         for key, value in tensors.items():
             targets[key].copy_(value)

@@ -34,9 +34,10 @@ from torch import nn
 from pefttriton.adapters.config import VeRAConfig
 from pefttriton.ops.validation import check_base_and_rank
 from pefttriton.ops.vera_bank import (
-    INTEGER_DTYPES,
+    _vera_bank_in_range,
     adapter_id_range,
     check_adapter_ids,
+    index_ids,
     vera_bank_linear,
 )
 from pefttriton.integration.peft_interop import read_peft_checkpoint
@@ -44,7 +45,8 @@ from pefttriton.integration.save import read_adapter
 from pefttriton.integration.surgery import as_linear, find_targets, matches, replace_module
 from pefttriton.adapters.vera import FusedVeRALinear, VeRAProjections, layer_projections
 
-# Ids set by :func:`adapter_ids` for the banks of a model: {id(bank): (ids, (smallest, largest) id)}.
+# Ids set by :func:`adapter_ids` for the banks of a model:
+# {id(bank): (ids, (smallest, largest) id, the bank's names by id when the block began)}.
 _ACTIVE_IDS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
     "pefttriton_vera_bank_ids", default=None
 )
@@ -93,7 +95,10 @@ class VeRABank(nn.Module):
         kwargs = {"device": weight.device, "dtype": torch.float64 if weight.dtype == torch.float64 else torch.float32}
         self.lambda_d = nn.Parameter(torch.zeros((0, r), **kwargs), requires_grad=False)
         self.lambda_b = nn.Parameter(torch.zeros((0, self.out_features), **kwargs), requires_grad=False)
-        self._names: list[str | None] = []
+        # Adapter names by id (None: a free slot). A tuple, replaced (never changed in place) whenever
+        # an adapter is added or removed: an adapter_ids block keeps the one it began with and
+        # sees that the adapters changed by identity, at no cost (see forward).
+        self._names: tuple[str | None, ...] = ()
 
     @classmethod
     def from_vera_layer(cls, layer: FusedVeRALinear, adapter_name: str | None = None) -> VeRABank:
@@ -136,7 +141,7 @@ class VeRABank(nn.Module):
             new[:rows] = table.detach()[:rows]
             tables.append(nn.Parameter(new, requires_grad=table.requires_grad))
         self.lambda_d, self.lambda_b = tables
-        self._names = (self._names + [None] * slots)[:slots]
+        self._names = (self._names + (None,) * slots)[:slots]
 
     def add_adapter(self, name: str, lambda_d: torch.Tensor, lambda_b: torch.Tensor, *, adapter_id: int | None = None) -> int:
         """Add an adapter; returns its id.
@@ -169,7 +174,7 @@ class VeRABank(nn.Module):
         with torch.no_grad():
             self.lambda_d[adapter_id] = lambda_d.detach().to(self.lambda_d.device, self.lambda_d.dtype)
             self.lambda_b[adapter_id] = lambda_b.detach().to(self.lambda_b.device, self.lambda_b.dtype)
-        self._names[adapter_id] = name
+        self._names = self._names[:adapter_id] + (name,) + self._names[adapter_id + 1:]
         return adapter_id
 
     def remove_adapter(self, name: str) -> None:
@@ -179,7 +184,7 @@ class VeRABank(nn.Module):
         with torch.no_grad():
             self.lambda_d[i] = 0
             self.lambda_b[i] = 0
-        self._names[i] = None
+        self._names = self._names[:i] + (None,) + self._names[i + 1:]
         slots = self.num_slots
         while slots and self._names[slots - 1] is None:
             slots -= 1
@@ -218,20 +223,49 @@ class VeRABank(nn.Module):
         return torch.tensor(list(json.dumps(self._names).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        try:
-            names = json.loads(bytes(state.tolist()).decode())
-        except (AttributeError, TypeError, ValueError):
-            names = None
+        names = _decode_names(state)
         if not isinstance(names, list) or len(names) != self.num_slots:
             raise ValueError(f"VeRABank state: expected the names of {self.num_slots} slots, got {names!r}")
-        self._names = names
+        self._names = tuple(names)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A bank's table height is its number of slots: take the saved one before copying.
+    def _state_problem(self, state_dict, prefix: str) -> str | None:
+        """What keeps ``state_dict`` from fitting this bank as a whole, or None: both tables of one
+        height K with this bank's widths, and the names of K slots."""
+        from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
+
+        tables = {key: state_dict.get(prefix + key) for key in ("lambda_d", "lambda_b")}
+        widths = {"lambda_d": self.r, "lambda_b": self.out_features}
+        heights = set()
+        for key, table in tables.items():
+            if table is None:
+                continue
+            if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != widths[key]:
+                got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+                return f"{key} must have shape (slots, {widths[key]}), got {got}"
+            heights.add(table.shape[0])
+        if len(heights) > 1:
+            return f"lambda_d and lambda_b have different numbers of slots ({sorted(heights)})"
+        extra = prefix + _EXTRA_STATE_KEY_SUFFIX
+        if heights and extra in state_dict:
+            names, slots = _decode_names(state_dict[extra]), heights.pop()
+            if not isinstance(names, list) or len(names) != slots:
+                return f"expected the names of {slots} slots, got {names!r}"
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bank's table height is its number of slots: take the saved one before copying, once the
+        # tables and names are known to fit together, so that a state that does not fit changes nothing
+        # (the error is reported as load_state_dict reports others).
+        problem = self._state_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"VeRABank state at {prefix or 'the root'!r}: {problem}")
+            return
         table = state_dict.get(prefix + "lambda_d")
-        if isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[0] != self.num_slots:
+        if isinstance(table, torch.Tensor) and table.shape[0] != self.num_slots:
             self._resize(table.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------------------ forward
 
@@ -263,7 +297,9 @@ class VeRABank(nn.Module):
                     "no adapter ids for this VeRABank: pass adapter_ids=..., or run the model inside "
                     "`with pefttriton.integration.vera_bank.adapter_ids(model, ids):` (-1 selects the base model)"
                 )
-            ids, id_range = entry  # checked when the block was entered
+            ids, id_range, names = entry  # checked against this bank's adapters when the block began
+            if names is not self._names:  # adapters added or removed since then
+                self._check_block_ids(ids, names)
             ids = _broadcast_context_ids(ids.to(x.device), x)
         else:
             ids = self.ids_tensor(adapter_ids)
@@ -272,12 +308,51 @@ class VeRABank(nn.Module):
             return self.base_layer(x)
         weight = self.base_layer.weight
         A, B = self.projection_slices()
-        return vera_bank_linear(x, weight, self.base_layer.bias, A, B, self.lambda_d, self.lambda_b, ids,
-                                id_range=id_range)
+        args = (x, weight, self.base_layer.bias, A, B, self.lambda_d, self.lambda_b, ids)
+        if id_range is None:
+            return vera_bank_linear(*args)
+        return _vera_bank_in_range(*args, id_range=id_range)
+
+    def _check_block_ids(self, ids: torch.Tensor, names: tuple) -> None:
+        """Ids that an :func:`adapter_ids` block checked when this bank's names by id were ``names``,
+        used after adapters were added or removed: every id they hold must still name the adapter it
+        named then (and lie in the tables), else ValueError naming it. Reads the distinct ids (on
+        CUDA a device-to-host copy), only in a block whose bank changed."""
+        for i in torch.unique(ids).tolist():
+            if i < 0:
+                continue
+            then = names[i] if i < len(names) else None
+            now = self._names[i] if i < self.num_slots else None
+            if then == now and i < self.num_slots:
+                continue
+            if then is not None and now is None:
+                raise ValueError(
+                    f"adapter {then!r} (id {i}) was removed from this VeRABank inside the adapter_ids(...) block "
+                    "that selects it; remove adapters outside the block, or begin a new block with other ids"
+                )
+            if then is not None:
+                raise ValueError(
+                    f"adapter id {i} selected {then!r} when the adapter_ids(...) block began and now holds {now!r}: "
+                    "the bank's adapters changed inside the block; begin a new block"
+                )
+            where = f"holds {now!r}" if now is not None else f"lies beyond the bank's {self.num_slots} slots"
+            raise ValueError(
+                f"adapter id {i} was a free slot (the base layer) when the adapter_ids(...) block began and now "
+                f"{where}: the bank's adapters changed inside the block; begin a new block"
+            )
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"adapters={len(self.adapters)}, slots={self.num_slots}, seed={self.projections.seed}")
+
+
+def _decode_names(state) -> list | None:
+    """The names list of :meth:`VeRABank.get_extra_state`'s tensor, or None when it holds none."""
+    try:
+        names = json.loads(bytes(state.tolist()).decode())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return names if isinstance(names, list) else None
 
 
 def _broadcast_context_ids(ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -486,6 +561,10 @@ def load_into_banks(model: nn.Module, name: str, path: str | os.PathLike, *, rep
         if problem is not None:
             raise ValueError(f"{path}: layer {layer_name!r}: {problem}")
         d, b = vectors[layer_name]
+        if not (isinstance(d, torch.Tensor) and d.is_floating_point() and isinstance(b, torch.Tensor)
+                and b.is_floating_point()):
+            raise TypeError(f"{path}: layer {layer_name!r} holds lambda_d {getattr(d, 'dtype', type(d).__name__)} and "
+                            f"lambda_b {getattr(b, 'dtype', type(b).__name__)}; a bank takes floating-point vectors")
         if tuple(d.shape) != (bank.r,) or tuple(b.shape) != (bank.out_features,):
             raise ValueError(f"{path}: layer {layer_name!r} holds lambda_d {tuple(d.shape)} and lambda_b {tuple(b.shape)}; "
                              f"the bank needs ({bank.r},) and ({bank.out_features},)")
@@ -520,13 +599,15 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[torch.Tensor]:
     ``generate`` makes of its sequence), or an integer tensor of any shape
     :func:`~pefttriton.ops.vera_bank.vera_bank_linear` accepts. Ids are checked once here against
     every bank, not again per layer. Blocks nest; the setting is local to the thread or task.
+
+    Adding or removing adapters inside the block (in any thread) is allowed, but a forward whose
+    ids then select an adapter that was removed, or a slot that now holds another adapter, raises
+    ``ValueError`` naming it (a changed bank reads the distinct ids at each forward of the block).
     """
     banks = [bank for _, bank in _banks_or_raise(model)]
     device = banks[0].base_layer.weight.device
     if isinstance(ids, torch.Tensor):
-        if ids.dtype not in INTEGER_DTYPES:
-            raise TypeError(f"adapter ids must have an integer dtype, got {ids.dtype}")
-        tensor = ids.to(device)
+        tensor = index_ids(ids).to(device)  # int8 / int16 / uint8 widened once here, not per layer
     else:
         tensors = [bank.ids_tensor(ids) for bank in banks]
         tensor = tensors[0]
@@ -540,7 +621,7 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[torch.Tensor]:
         if low < -1 or high >= slots:
             raise ValueError(f"adapter ids must lie in [-1, {slots}) (-1: the base model), got values from {low} to {high}")
     active = dict(_ACTIVE_IDS.get() or {})
-    active.update({id(bank): (tensor, id_range) for bank in banks})
+    active.update({id(bank): (tensor, id_range, bank._names) for bank in banks})
     token = _ACTIVE_IDS.set(active)
     try:
         yield tensor

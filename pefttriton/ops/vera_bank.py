@@ -47,7 +47,13 @@ from pefttriton.ops.validation import (
     no_autocast,
 )
 
-INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# The dtypes adapter ids may have. int32 and int64 are used as they are; int8, int16 and uint8 are
+# widened to int64 (exactly) when checked: index_select takes only int32 / int64 indices, and
+# indexing with a uint8 tensor would mean a boolean mask (with K == N every row silently takes
+# another adapter). PyTorch's unsigned 16/32/64-bit types are refused: few ops support them, and
+# uint64 ids above 2**63 - 1 would wrap to negative ids on the way to int64.
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 # Rows per chunk of the PyTorch path: about this many (rows, out) elements at a time (16 MiB in
 # float32), which bounds the temporaries (the gathered b rows, the low-rank product) for long batches.
@@ -96,20 +102,33 @@ def adapter_id_range(adapter_ids: Tensor) -> tuple[int, int] | None:
     return int(low), int(high)
 
 
+def index_ids(adapter_ids) -> Tensor:
+    """``adapter_ids`` checked to be a tensor of one of ``INTEGER_DTYPES``, as int32 or int64 (int8,
+    int16 and uint8 ids are widened to int64, a copy); TypeError naming ``adapter_ids`` otherwise."""
+    if not isinstance(adapter_ids, Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor of integer ids, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype not in INTEGER_DTYPES:
+        unsigned = adapter_ids.dtype in (torch.uint16, torch.uint32, torch.uint64)
+        raise TypeError(
+            f"adapter_ids must have an integer dtype (int64, int32, int16, int8 or uint8), got {adapter_ids.dtype}"
+            + ("; convert unsigned 16/32/64-bit ids to int64" if unsigned else "")
+        )
+    if adapter_ids.dtype not in _INDEX_DTYPES:
+        adapter_ids = adapter_ids.to(torch.int64)
+    return adapter_ids
+
+
 def check_adapter_ids(
     adapter_ids, x: Tensor, num_adapters: int, *, check_values: bool = True
 ) -> tuple[Tensor, tuple[int, int] | None]:
     """Validate ``adapter_ids`` against ``x`` (..., n) and a table of ``num_adapters`` rows; returns
-    them as (N,), one id per token row (:func:`expand_adapter_ids`), and their range (None when not
-    read).
+    them as (N,) int32 / int64 (:func:`index_ids`), one id per token row
+    (:func:`expand_adapter_ids`), and their range (None when not read).
 
     ``check_values`` reads the smallest and largest id (:func:`adapter_id_range`; skipped under
     ``torch.compile``); callers that validated the same ids already pass False.
     """
-    if not isinstance(adapter_ids, Tensor):
-        raise TypeError(f"adapter_ids must be a torch.Tensor of integer ids, got {type(adapter_ids).__name__}")
-    if adapter_ids.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"adapter_ids must have an integer dtype (int64, int32, ...), got {adapter_ids.dtype}")
+    adapter_ids = index_ids(adapter_ids)
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}; put all inputs on one device")
     ids = expand_adapter_ids(adapter_ids, tuple(x.shape[:-1]))
@@ -279,7 +298,6 @@ def vera_bank_linear(
     adapter_ids: Tensor,
     *,
     check_ids: bool = True,
-    id_range: tuple[int, int] | None = None,
 ) -> Tensor:
     """VeRA with one adapter per token row, chosen from a bank of adapters sharing ``A`` and ``B``.
 
@@ -294,12 +312,12 @@ def vera_bank_linear(
         adapter_ids: integer tensor of ids in [-1, K): shape ``x.shape[:-1]`` or (N,) (one per
             token), (batch,) for ``x`` (batch, ...) (one per sequence, broadcast over the rest,
             whatever the sequence length: also the one-token decode steps of ``generate``), or ()
-            (one id for every row). Any strides.
+            (one id for every row). Any strides. Dtype int64, int32, int16, int8 or uint8 (the
+            last three are widened to int64, a copy of the ids); other dtypes raise TypeError.
         check_ids: check that every id lies in [-1, K) (on CUDA a device-to-host copy of two numbers
             per call); pass False for ids already checked.
-        id_range: ``(smallest, largest)`` id when the caller knows it (the ids are then not read).
 
-    A batch whose ids are known to be all equal (``check_ids`` or ``id_range``) runs the
+    A batch whose ids are known to be all equal (read by ``check_ids``) runs the
     single-adapter engine, :func:`~pefttriton.ops.lowrank_linear` with that adapter's vectors (and
     whichever strategy it picks, the weight-side one included), or the base layer alone for -1.
 
@@ -311,6 +329,54 @@ def vera_bank_linear(
         (..., m) tensor of ``x.dtype``. Inference first: differentiable only through the PyTorch
         path (any backend but an explicit ``triton``, which raises when a gradient is required).
     """
+    return _bank_linear(x, weight, bias, A, B, lambda_d, lambda_b, adapter_ids, check_ids, None)
+
+
+def _vera_bank_in_range(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    adapter_ids: Tensor,
+    *,
+    id_range: tuple[int, int],
+) -> Tensor:
+    """:func:`vera_bank_linear` for ids that the caller checked, with their ``(smallest, largest)``
+    value ``id_range`` read then (a :class:`~pefttriton.integration.vera_bank.VeRABank` inside an
+    ``adapter_ids`` block: the ids are read once per block, not once per layer).
+
+    Private because the range is trusted: only its form and its bounds against the tables are
+    checked here, since reading the ids to verify it is the very cost it spares. A range that is
+    not the ids' own gives wrong rows without an error (``(0, 0)`` sends every row of a mixed
+    batch through adapter 0).
+    """
+    return _bank_linear(x, weight, bias, A, B, lambda_d, lambda_b, adapter_ids, False, id_range)
+
+
+def _check_id_range(id_range, num_adapters: int) -> tuple[int, int]:
+    """``id_range`` as a tuple of two ints ``-1 <= smallest <= largest < num_adapters``; else an error."""
+    if (
+        not isinstance(id_range, tuple)
+        or len(id_range) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in id_range)
+    ):
+        raise TypeError(f"id_range must be a tuple of two ints (smallest, largest id), got {id_range!r}")
+    low, high = id_range
+    if low > high:
+        raise ValueError(f"id_range must be (smallest, largest) with smallest <= largest, got {id_range}")
+    if low < -1 or high >= num_adapters:
+        raise ValueError(
+            f"id_range must lie in [-1, {num_adapters}) (-1: the base layer alone; the bank holds {num_adapters} "
+            f"adapters), got {id_range}"
+        )
+    return id_range
+
+
+def _bank_linear(x, weight, bias, A, B, lambda_d, lambda_b, adapter_ids, check_ids, id_range) -> Tensor:
+    """:func:`vera_bank_linear`, with a known ``id_range`` (:func:`_vera_bank_in_range`) or None."""
     if isinstance(x, Tensor):
         dtype = autocast_dtype(x)
         if dtype is not None:
@@ -334,6 +400,7 @@ def vera_bank_linear(
     check_tensor("lambda_d", lambda_d, (K, r), x, with_fp32, "(num_adapters, r)")
     check_tensor("lambda_b", lambda_b, (K, m), x, with_fp32, "(num_adapters, out_features)")
     if id_range is not None:
+        id_range = _check_id_range(id_range, K)
         ids, _ = check_adapter_ids(adapter_ids, x, K, check_values=False)
     else:
         ids, id_range = check_adapter_ids(adapter_ids, x, K, check_values=check_ids)
@@ -375,10 +442,15 @@ def vera_bank_reference(
 ) -> Tensor:
     """The naive reference, for tests: each row's VeRA formula, written plainly (use float64).
 
-    ``adapter_ids`` has any shape :func:`vera_bank_linear` accepts.
+    ``adapter_ids``: one id per token row, shape ``x.shape[:-1]`` or (N,). The per-sequence and 0-d
+    forms are for the caller to expand: the reference does not share the op's
+    :func:`expand_adapter_ids`, so that a mistake there cannot hide in both.
     """
-    ids = expand_adapter_ids(adapter_ids, tuple(x.shape[:-1])).tolist()
     rows = x.reshape(-1, x.shape[-1])
+    if not isinstance(adapter_ids, Tensor) or adapter_ids.numel() != rows.shape[0]:
+        got = tuple(adapter_ids.shape) if isinstance(adapter_ids, Tensor) else type(adapter_ids).__name__
+        raise ValueError(f"adapter_ids must hold one id per token row ({rows.shape[0]}), got {got}")
+    ids = adapter_ids.reshape(-1).tolist()
     out = []
     for row, i in zip(rows, ids):
         y = weight @ row
