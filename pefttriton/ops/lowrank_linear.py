@@ -54,14 +54,18 @@ def _scaled_B(B: Tensor, scale_B: float) -> Tensor:
     """``scale_B * B`` rounded once to ``B``'s dtype (B itself when ``scale_B == 1``)."""
     if scale_B == 1.0:
         return B
-    return (B.to(acc_dtype(B.dtype)) * scale_B).to(B.dtype)
+    return (_as(B, acc_dtype(B.dtype)) * scale_B).to(B.dtype)
 
 
-def _rank_scale(d, scale, r, like):
-    """``scale * d`` (r,) in the dtype of ``like`` (``scale`` alone when there is no ``d``)."""
-    if d is None:
-        return torch.full((r,), scale, device=like.device, dtype=like.dtype)
-    return d.to(like.dtype) * scale
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call where ``t`` already has it (a dispatch costs about a
+    microsecond, and a small layer's call makes a dozen)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rank_scale(d, scale, like):
+    """``scale * d`` (r,) in the dtype of ``like``, or the number ``scale`` when there is no ``d``."""
+    return scale if d is None else _as(d, like.dtype) * scale
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -93,9 +97,9 @@ def mm_acc(a: Tensor, b: Tensor) -> Tensor:
     :data:`_CHUNK_ELEMENTS` upcast elements. ``b`` may already be in the accumulation dtype."""
     acc = acc_dtype(a.dtype)
     if a.dtype == acc:
-        return a @ b.to(acc)
+        return a @ _as(b, acc)
     if _mm_out_dtype(a.device):
-        return torch.mm(a, b.to(a.dtype), out_dtype=acc)
+        return torch.mm(a, _as(b, a.dtype), out_dtype=acc)
     K = a.shape[1]
     out = torch.zeros((a.shape[0], b.shape[1]), device=a.device, dtype=acc)
     step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] + b.shape[1]))
@@ -114,8 +118,8 @@ def _base_gemm(x, weight, bias, out):
 
 def _up(B, b, acc):
     """``b * B`` (m, r) in the accumulation dtype: ``(b * g) B == g (b * B)``."""
-    up = B.to(acc)
-    return up * b.to(acc)[:, None] if b is not None else up
+    up = _as(B, acc)
+    return up * _as(b, acc)[:, None] if b is not None else up
 
 
 def _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb=None):
@@ -135,10 +139,10 @@ def _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb=None)
     if not (need_B or need_d or need_b):
         return
     P = mm_acc(g.T, xa)
-    dvec = d.to(acc) if d is not None else None
-    bvec = b.to(acc) if b is not None else None
+    dvec = _as(d, acc) if d is not None else None
+    bvec = _as(b, acc) if b is not None else None
     if need_d or need_b:
-        BP = B.to(acc) * P
+        BP = _as(B, acc) * P
         if need_b:
             grads["b"] = (BP @ dvec if dvec is not None else BP.sum(1)) * scale
         if need_d:
@@ -168,12 +172,12 @@ def _lean_forward(x, weight, bias, A, B, d, b, scale, out):
     if dtype == acc:
         B_eff = _up(B, b, acc) * scale
         if d is not None:
-            B_eff = B_eff * d.to(acc)
+            B_eff = B_eff * _as(d, acc)
         _base_gemm(x, weight, bias, out)
         out.addmm_(xa, B_eff.T)
         return xa
     scale_h, scale_B = split_scale(scale)
-    h = (xa * _rank_scale(d, scale_h, A.shape[0], xa)).to(dtype)
+    h = (xa * _rank_scale(d, scale_h, xa)).to(dtype)
     up = (_up(B, b, acc) * scale_B).to(dtype)
     _base_gemm(torch.cat([x, h], 1), torch.cat([weight, up], 1), bias, out)
     return xa
@@ -182,7 +186,7 @@ def _lean_forward(x, weight, bias, A, B, d, b, scale, out):
 def _delta_weight(A, B, d, b, scale, weight):
     """``W + scale * (b * B)(d * A)`` (m, n), one BLAS call (float32 / float64)."""
     left = _up(B, b, weight.dtype) * scale
-    right = A * d.to(A.dtype)[:, None] if d is not None else A
+    right = A * _as(d, A.dtype)[:, None] if d is not None else A
     return torch.addmm(weight, left, right)
 
 
@@ -200,15 +204,15 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side):
     grads = dict.fromkeys(_GRAD_NAMES)
     gb = gh = None
     if need_A or (need_x and not weight_side):
-        gb = mm_acc(g, _up(B, b, acc).to(dtype))  # (b * g) B, (N, r), not rounded to 16 bits
-        gh = gb * _rank_scale(d, scale, A.shape[0], xa)
+        gb = mm_acc(g, _as(_up(B, b, acc), dtype))  # (b * g) B, (N, r), not rounded to 16 bits
+        gh = gb * _rank_scale(d, scale, xa)
     _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb)
     if need_x and weight_side:
         grads["x"] = g @ _delta_weight(A, B, d, b, scale, weight)
     elif need_x:
-        grads["x"] = torch.addmm(g @ weight, gh.to(dtype), A)
+        grads["x"] = torch.addmm(g @ weight, _as(gh, dtype), A)
     if need_A:
-        grads["A"] = mm_acc(gh.to(dtype).T, x)
+        grads["A"] = mm_acc(_as(gh, dtype).T, x)
     if need_weight:
         grads["weight"] = g.T @ x
     if need_bias:
@@ -260,8 +264,8 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
     else:
         gb = gh = None
         if need_x or need_A or need_d:
-            gb = mm_acc(g, _up(B, b, xa.dtype).to(g.dtype))  # (b * g) B, (N, r), as lean computes it
-            gh = gb * _rank_scale(d, scale, A.shape[0], xa)
+            gb = mm_acc(g, _as(_up(B, b, xa.dtype), g.dtype))  # (b * g) B, (N, r), as lean computes it
+            gh = gb * _rank_scale(d, scale, xa)
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (need_B, need_d, need_b), gb)
     if need_x and split:
         grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
@@ -379,8 +383,12 @@ def _lowrank_linear_fwd(
     skip its hooks). ``path`` is one of :data:`pefttriton.ops.backend.PATHS`, or ``"?"`` followed by
     what trains (``"?vectors"``, ...) to resolve it now (under ``torch.compile``).
     """
+    return _forward(x, weight, bias, A, B, d, b, scale, _run_path(path, x, weight, A))
+
+
+def _forward(x, weight, bias, A, B, d, b, scale, path):
+    """What both registrations of the op run forward: ``(y, x A^T)``."""
     m, n = weight.shape
-    path = _run_path(path, x, weight, A)
     x2 = flatten_tokens(x, n)
     y = torch.empty((*x.shape[:-1], m), device=x.device, dtype=x.dtype)
     out = y.view(x2.shape[0], m)
@@ -414,8 +422,14 @@ def _lowrank_linear_bwd(
 
     ``grad_y`` is (..., m) like the forward's ``y``; ``x`` (..., n) or empty when not saved.
     """
+    grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, _run_path(path, grad_y, weight, A))
+    return [grad_y.new_empty(0) if g is None else g for g in grads]
+
+
+def _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
+    """What both registrations of the op run backward: the gradients of (x, weight, bias, A, B, d,
+    b), None where ``needs`` is False."""
     m, n = weight.shape
-    path = _run_path(path, grad_y, weight, A)
     g = grad_y.reshape(-1, m) if m > 0 else grad_y.reshape(math.prod(grad_y.shape[:-1]), 0)
     x2 = flatten_tokens(x, n) if needs[1] or needs[3] else x  # saved only for grad_weight, grad_A
     with no_autocast(grad_y):
@@ -423,10 +437,7 @@ def _lowrank_linear_bwd(
     if needs[0]:
         grads["x"] = grads["x"].reshape(*grad_y.shape[:-1], n)
     inputs = (x, weight, bias, A, B, d, b)
-    return [
-        grads[name].to(inp.dtype) if need else grad_y.new_empty(0)
-        for name, inp, need in zip(_GRAD_NAMES, inputs, needs)
-    ]
+    return [_as(grads[name], inp.dtype) if need else None for name, inp, need in zip(_GRAD_NAMES, inputs, needs)]
 
 
 @_lowrank_linear_bwd.register_fake
@@ -446,15 +457,33 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.needs, ctx.path = scale, needs, path
 
 
-def _backward(ctx, grad_y, grad_xa):
+def _saved(ctx, grad_y):
     x, xa, weight, bias, A, B, d, b = ctx.saved_tensors
-    if x is None:
-        x = grad_y.new_empty(0)
-    grads = _lowrank_linear_bwd(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path)
+    return (grad_y.new_empty(0) if x is None else x), xa, weight, bias, A, B, d, b
+
+
+def _backward(ctx, grad_y, grad_xa):
+    grads = _lowrank_linear_bwd(grad_y, *_saved(ctx, grad_y), ctx.scale, ctx.needs, ctx.path)
     return (*[g if need else None for g, need in zip(grads, ctx.needs)], None, None)
 
 
 _lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLowRankLinear(torch.autograd.Function):
+    """The op for eager calls: the same forward and backward as the custom ops above (and the same
+    saved tensors), without the custom-op dispatch around each (tens of microseconds per call,
+    which dominate small layers). ``torch.compile`` traces the custom ops instead (one graph node)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, d, b, scale, path):
+        y, xa = _forward(x, weight, bias, A, B, d, b, scale, path)
+        _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path), (y, xa))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return (*_backward_grads(grad_y, *_saved(ctx, grad_y), ctx.scale, ctx.needs, ctx.path), None, None)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -523,8 +552,7 @@ def lowrank_linear(
     # Eager calls fix the path here, so that backward runs the same one (see pefttriton.ops.backend).
     trains = _trains(x, weight, A, B, d, b)
     if torch.compiler.is_compiling():
-        path = "?" + trains
-    else:
-        path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains, time_path))
-    y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, path)
-    return y
+        y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, "?" + trains)
+        return y
+    path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains, time_path))
+    return _EagerLowRankLinear.apply(x, weight, bias, A, B, d, b, scale, path)
