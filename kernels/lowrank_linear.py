@@ -19,6 +19,8 @@ Launchers take tensors of any strides (matrices are read through their strides, 
 contiguous); validation and autograd live in ``pefttriton.ops``.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -119,14 +121,25 @@ def grad_blocks(rank: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _dropout(tile, seed, offsets, drop_p, drop_scale):
+    """``tile`` with each element dropped (zero) with probability ``drop_p`` and the others scaled
+    by ``drop_scale = 1 / (1 - drop_p)``. Whether an element is kept depends on ``seed`` and its
+    ``offsets`` alone (Philox: ``tl.rand``), so every kernel that reads an element of the same
+    tensor, in whatever tile, draws the same decision; the mask never reaches memory."""
+    keep = tl.rand(seed, offsets) >= drop_p
+    return tl.where(keep, tile.to(tl.float32) * drop_scale, 0.0)
+
+
+@triton.jit
 def _fused_gemm(
-    x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, c_ptr, y_ptr,
-    M, N, K, R, scale, M_BUCKET,
+    x_ptr, w_ptr, bias_ptr, h_ptr, d_ptr, lb_ptr, bvec_ptr, c_ptr, y_ptr, seed_ptr,
+    M, N, K, R, scale, M_BUCKET, drop_p, drop_scale, DROP_COLS,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_hm, stride_hr, stride_lbn, stride_lbr,
     stride_cm, stride_cn, stride_ym, stride_yn,
     HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_D: tl.constexpr,
     HAS_BVEC: tl.constexpr, ACCUMULATE: tl.constexpr, C_IS_Y: tl.constexpr,
+    DROP_X: tl.constexpr, DROP_W: tl.constexpr, DROP_LOWRANK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -136,6 +149,12 @@ def _fused_gemm(
     base computed by cuBLAS) in the epilogue: together they add the low-rank path to a base GEMM
     computed by cuBLAS, rounding once. M_BUCKET is the autotune key's token count (a power of
     two), so a new token count in the same bucket reuses the tuned config.
+
+    Dropout of the adapter's input (a tensor ``X`` of ``DROP_COLS`` columns, the seed at
+    ``seed_ptr``, :func:`_dropout`) where one operand or the result is an image of ``X``: the x
+    tiles (``DROP_X``: ``x`` is ``X``, the forward's ``X A^T``), the w tiles (``DROP_W``: ``w`` is
+    ``X^T``, as ``grad_A = gh^T X`` reads it) or the low-rank product (``DROP_LOWRANK`` with
+    ``HAS_MAIN=False``: ``y`` has ``X``'s shape, as ``grad_x += mask * (gh A)`` does).
     """
     pid_m, pid_n = grouped_program_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
@@ -154,10 +173,18 @@ def _fused_gemm(
     if HAS_MAIN:
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+        if DROP_X or DROP_W:
+            seed = tl.load(seed_ptr)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_left = K - k * BLOCK_K
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             w_tile = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            if DROP_X:  # x is X: element (row, k) of X
+                cols = (k * BLOCK_K + offs_k).to(tl.int64)
+                x_tile = _dropout(x_tile, seed, rows[:, None] * DROP_COLS + cols[None, :], drop_p, drop_scale)
+            if DROP_W:  # w is X^T: w[n, k] is element (k, n) of X
+                x_rows = (k * BLOCK_K + offs_k).to(tl.int64)
+                w_tile = _dropout(w_tile, seed, x_rows[:, None] * DROP_COLS + offs_n[None, :], drop_p, drop_scale)
             acc = tl.dot(x_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -184,6 +211,8 @@ def _fused_gemm(
             h_ptrs += BLOCK_K * stride_hr
             lb_ptrs += BLOCK_K * stride_lbr
 
+    if DROP_LOWRANK:  # only the low-rank product is in acc (HAS_MAIN=False): y is X-shaped
+        acc = _dropout(acc, tl.load(seed_ptr), rows[:, None] * DROP_COLS + offs_n[None, :], drop_p, drop_scale)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -283,7 +312,19 @@ def _lowrank_grad_kernel(
         tl.store(grad_d_part_ptr + pid_m * R + offs_r, tl.sum(xa * g_rank, axis=0), mask=mask_r)
 
 
-def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None):
+class Dropout(NamedTuple):
+    """Dropout of an adapter's input ``X`` (tokens, ``cols``) inside a launch: each element of ``X``
+    is dropped with probability ``p`` (the rest scaled by ``1 / (1 - p)``), decided by ``seed`` (a
+    one-element int64 tensor on the launch's device) and the element's index in ``X`` alone, so
+    the forward and backward launches that read ``X`` draw the same mask (:func:`dropout_keep`
+    writes it out, for tests)."""
+
+    seed: torch.Tensor
+    p: float
+    cols: int
+
+
+def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None, dropout=None, dropout_on=None):
     has_main, has_lowrank, accumulate = x is not None, h is not None, c is not None
     M, N = y.shape
     if M == 0 or N == 0:
@@ -302,15 +343,19 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None):
 
     c_ = c if accumulate else y
     kernel = _fused_gemm_accumulate_kernel if accumulate and c is y else _fused_gemm_kernel
+    drop = dropout if dropout is not None and dropout.p > 0 else None
     run_tuned(
         kernel, grid, y, x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
-        bvec if bvec is not None else dummy, c_, y,
+        bvec if bvec is not None else dummy, c_, y, drop.seed if drop else dummy,
         M, N, K, R, float(scale), m_bucket(M),
+        drop.p if drop else 0.0, 1.0 / (1.0 - drop.p) if drop else 1.0, drop.cols if drop else 0,
         x_.stride(0), x_.stride(1), w_.stride(0), w_.stride(1),
         h_.stride(0), h_.stride(1), lb.stride(0), lb.stride(1),
         c_.stride(0), c_.stride(1), y.stride(0), y.stride(1),
         HAS_MAIN=has_main, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_D=d is not None,
         HAS_BVEC=bvec is not None, ACCUMULATE=accumulate, C_IS_Y=c_ is y,
+        DROP_X=drop is not None and dropout_on == "x", DROP_W=drop is not None and dropout_on == "w",
+        DROP_LOWRANK=drop is not None and dropout_on == "lowrank",
         INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
         prune=_prune_gemm_configs,
     )
@@ -437,6 +482,8 @@ def fused_gemm(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     tma: bool = False,
+    dropout: Dropout | None = None,
+    dropout_on: str = "x",
 ) -> torch.Tensor:
     """``x @ weight.T + bias + bvec * ((scale * d * h) @ lowrank_B.T)`` in one launch.
 
@@ -445,12 +492,16 @@ def fused_gemm(
     Writes into ``out`` (M, N), any strides, when given; else returns a new contiguous (M, N)
     tensor of ``out_dtype`` (default ``x.dtype``). ``tma``: use the Hopper variant (tensor
     descriptors, persistent tiles) where :func:`tma_supported` says it can read ``x`` and
-    ``weight``; the pointer kernel otherwise.
+    ``weight``; the pointer kernel otherwise. ``dropout``: drop elements of ``x``
+    (``dropout_on="x"``, ``x`` is the adapter's input) or of ``weight`` (``dropout_on="w"``,
+    ``weight`` is the transposed view of the adapter's input), :class:`Dropout`.
     """
+    if dropout_on not in ("x", "w"):
+        raise ValueError(f"dropout_on must be 'x' or 'w', got {dropout_on!r}")
     y = out if out is not None else torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=out_dtype or x.dtype)
-    if tma and y.dtype == x.dtype and tma_supported(x, weight):
+    if tma and dropout is None and y.dtype == x.dtype and tma_supported(x, weight):
         return _launch_gemm_tma(x, weight, bias, h, lowrank_B, d, bvec, scale, y)
-    return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y)
+    return _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, dropout=dropout, dropout_on=dropout_on)
 
 
 def _tma_ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -515,15 +566,37 @@ def add_lowrank_(
     *,
     base: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> torch.Tensor:
     """``y = base + bias + bvec * ((scale * d * h) @ lowrank_B.T)``, one launch; returns ``y``.
 
     ``base`` (M, N) defaults to ``y`` itself (an in-place add). The split form of
     :func:`fused_gemm`: the base GEMM runs in cuBLAS, this kernel adds the low-rank path (the
     base is read once more: M * N extra element moves each way). With a float32 ``base`` and a
-    16-bit ``y`` the sum is rounded once.
+    16-bit ``y`` the sum is rounded once. ``dropout``: ``y`` has the shape of an adapter input
+    ``X`` and the low-rank product is masked as ``X`` is (:class:`Dropout`; ``grad_x`` of dropout).
     """
-    return _launch_gemm(None, None, bias, h, lowrank_B, d, bvec, scale, y, c=y if base is None else base)
+    return _launch_gemm(None, None, bias, h, lowrank_B, d, bvec, scale, y, c=y if base is None else base,
+                        dropout=dropout, dropout_on="lowrank")
+
+
+@triton.jit
+def _dropout_keep_kernel(seed_ptr, keep_ptr, total, drop_p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(seed_ptr), offs) >= drop_p
+    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=offs < total)
+
+
+def dropout_keep(dropout: Dropout, rows: int) -> torch.Tensor:
+    """The mask :class:`Dropout` draws inside the kernels for an adapter input of (``rows``,
+    ``dropout.cols``): True where an element is kept. Written out for tests (the kernels never
+    write it)."""
+    total = rows * dropout.cols
+    keep = torch.empty(total, device=dropout.seed.device, dtype=torch.int8)
+    block = 1 << 16 if INTERPRET else 1024  # the interpreter pays per program, not per element
+    if total > 0:
+        _dropout_keep_kernel[(triton.cdiv(total, block),)](dropout.seed, keep, total, float(dropout.p), BLOCK=block)
+    return keep.view(rows, dropout.cols).bool()
 
 
 def lowrank_grads(

@@ -6,6 +6,7 @@ float64 copies of the very same inputs and differentiated by plain autograd.
 """
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -444,13 +445,34 @@ def test_every_strategy_against_float64(gen, name, dtype, r, adapter):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_weight_strategy_refuses_16_bit(gen, dtype):
+def test_weight_strategy_on_16_bit_falls_back_with_a_warning(gen, dtype):
+    """A strategy that cannot run (weight on 16 bits) runs what auto picks among those that can,
+    warning once per (strategy, reason); auto never picks it."""
+    from pefttriton.ops import backend
+
+    backend._WARNED.clear()
     t = make_inputs(gen, 5, 6, 7, 2, dtype=dtype)
-    with pefttriton.use_strategy("weight"), pytest.raises(ValueError, match="strategy 'weight' needs float32"):
-        lowrank_linear(*[t[k] for k in NAMES])
-    with pefttriton.use_strategy("auto"):  # auto never picks it
+    with pefttriton.use_strategy("weight"):
+        with pytest.warns(UserWarning, match=r"strategy 'weight' cannot run here: it needs float32 .* running 'lean'"):
+            lowrank_linear(*[t[k] for k in NAMES])
+        assert pefttriton.last_path() == "lean"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per (strategy, reason)
+            lowrank_linear(*[t[k] for k in NAMES])
+    with pefttriton.use_strategy("auto"):
         lowrank_linear(*[t[k] for k in NAMES])
         assert pefttriton.last_path() == "lean"
+
+
+def test_triton_strategy_under_the_torch_backend_falls_back_with_a_warning(gen):
+    from pefttriton.ops import backend
+
+    backend._WARNED.clear()
+    t = make_inputs(gen, 5, 6, 7, 2)
+    with pefttriton.use_backend("torch"), pefttriton.use_strategy("fused"):
+        with pytest.warns(UserWarning, match="strategy 'fused' cannot run here: the backend is 'torch'"):
+            lowrank_linear(*[t[k] for k in NAMES])
+        assert pefttriton.last_path() in ("lean", "weight")
 
 
 def test_strategies_save_only_x_A_transposed(strategy, gen):
@@ -572,15 +594,18 @@ def test_compiled_call_resolves_the_same_path_forward_and_backward(gen):
         assert rel_err(y, y_eager) < 1e-5 and rel_err(g, g_eager) < 1e-5
 
 
-@pytest.mark.parametrize("path", ["lean", "weight", "?vectors", "?factors"])
+@pytest.mark.parametrize("path", ["lean", "weight", "?vectors", "?factors", "lean+dropout", "?all+dropout"])
 def test_custom_op_passes_opcheck_on_every_torch_path(gen, path):
     """Schema, fake implementation, autograd registration and AOT dispatch, per path ("?...": the
-    placeholder torch.compile passes, resolved when the op runs)."""
-    import importlib
-
+    placeholder torch.compile passes, resolved when the op runs), with and without dropout (the
+    seeds fix the masks, so repeated runs agree)."""
     ops = importlib.import_module("pefttriton.ops.lowrank_linear")  # the package exports the function
     t = make_inputs(gen, 6, 5, 7, 2, lead=(2, 3), requires_grad=("x", "A", "d", "b"))
-    torch.library.opcheck(ops._lowrank_linear_fwd, (*[t[k] for k in NAMES], 0.5, path))
+    dropout = path.endswith("dropout")
+    op_path = path.removesuffix("+dropout") if not path.startswith("?") else path
+    seeds = torch.tensor([123], dtype=torch.int64) if dropout else None
+    args = (*[t[k] for k in NAMES], 0.5, op_path, seeds, [0.25 if dropout else 0.0], [2])
+    torch.library.opcheck(ops._lowrank_linear_fwd, args)
 
 
 # ------------------------------------------------------------------------ the cost model

@@ -17,9 +17,10 @@ Strategies: the same math and the same save-little backward, computed four ways.
 by its cost model or, when enabled, by timing the candidates once
 (:func:`pefttriton.ops.strategy.set_strategy_autotune`). The backend limits the candidates: ``torch``
 allows ``lean`` and ``weight``; ``triton`` allows ``fused`` and ``split``; ``auto`` allows all four on
-CUDA and the PyTorch ones elsewhere. A strategy named explicitly runs as named, except that a Triton
-strategy under the ``torch`` backend (or off CUDA without the interpreter) runs ``lean``, and float64
-on a GPU takes a PyTorch strategy (no float64 kernel configuration is compiled for GPUs).
+CUDA and the PyTorch ones elsewhere. A strategy named explicitly runs as named where it can; where it
+cannot (a Triton strategy under the ``torch`` backend or off CUDA without the interpreter, float64 on a
+GPU, ``weight`` on 16-bit tensors or with dropout) the call runs what ``auto`` would choose among the
+paths that can, and warns once per (strategy, reason).
 
 State. :func:`set_backend` and :func:`set_strategy` set process-wide defaults, seen by every thread
 (the autograd engine's device threads included), like ``torch.backends`` flags. :func:`use_backend`
@@ -205,30 +206,57 @@ def candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
 
 
 def resolve_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] | None = None,
-                 trains: str = "vectors", timer: chooser.Timer | None = None) -> str:
+                 trains: str = "vectors", timer: chooser.Timer | None = None, dropout: bool = False) -> str:
     """What computes a fused op on tensors of ``device`` and ``dtype`` now: one of :data:`PATHS`.
 
     ``shape`` is (tokens, in_features, out_features, rank) and ``trains`` what needs gradients
     (:func:`pefttriton.ops.strategy.choose`'s argument); both matter only to the ``auto`` strategy, which
     takes the cheapest candidate (:func:`candidates`) by cost model or measurement (with ``timer``,
-    which the calling op passes, to time a candidate).
+    which the calling op passes, to time a candidate). ``dropout``: the call drops elements of the
+    adapter's input, which the ``weight`` strategy cannot (it folds the adapter into ``W``).
+
+    A strategy set explicitly that cannot run here (a Triton one on CPU tensors without the
+    interpreter or under the ``torch`` backend, ``weight`` on 16-bit tensors or with dropout) runs
+    what ``auto`` would choose among the paths that can, with a warning the first time each
+    (strategy, reason) happens.
 
     Raises:
         RuntimeError: the triton backend was asked for on a CPU tensor without the interpreter.
-        ValueError: strategy ``weight`` was asked for with 16-bit tensors.
     """
     allowed = candidates(device, dtype)
+    if dropout:
+        allowed = tuple(path for path in allowed if path != "weight")
     strategy = get_strategy()
-    if strategy == "auto":
-        return chooser.choose(device, dtype, shape, trains, allowed, timer)
-    if strategy == "weight" and dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"strategy 'weight' needs float32 or float64 tensors, got {dtype}: rounding W + delta W to 16 "
-            "bits loses most of a small adapter's effect; use 'auto' or 'lean'"
-        )
-    if strategy in TRITON_PATHS and strategy not in allowed:
-        return "lean"
-    return strategy
+    if strategy == "auto" or strategy in allowed:
+        return chooser.choose(device, dtype, shape, trains, allowed, timer) if strategy == "auto" else strategy
+    path = chooser.choose(device, dtype, shape, trains, allowed, timer)
+    _warn_fallback(strategy, _why_not(strategy, device, dtype, dropout), path)
+    return path
+
+
+def _why_not(strategy: str, device: torch.device, dtype: torch.dtype, dropout: bool) -> str:
+    """Why ``strategy`` is not among the candidates for this call."""
+    if strategy == "weight":
+        if dtype not in (torch.float32, torch.float64):
+            return f"it needs float32 or float64 tensors, got {dtype} (rounding W + delta W to 16 bits loses most of a small adapter's effect)"
+        return "it folds the adapter into W, so it cannot drop elements of the adapter's input (dropout > 0)"
+    if get_backend() == "torch":
+        return "the backend is 'torch'"
+    if device.type == "cuda":
+        return "no float64 Triton kernel is compiled for GPUs"
+    return f"Triton runs on CUDA tensors (got {device.type}), or on the CPU only in its interpreter"
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(strategy: str, reason: str, path: str) -> None:
+    """Warns once per (strategy, reason) that ``strategy`` cannot run and ``path`` runs instead."""
+    if (strategy, reason) in _WARNED:
+        return
+    _WARNED.add((strategy, reason))
+    warnings.warn(f"pefttriton: strategy {strategy!r} cannot run here: {reason}; running {path!r}, what 'auto' "
+                  "chooses among the paths that can (this warning is shown once)", UserWarning, stacklevel=4)
 
 
 def record_path(path: str) -> str:

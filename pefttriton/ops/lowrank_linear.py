@@ -14,17 +14,19 @@ ops, a fake implementation for tracing, autograd), so ``torch.compile`` sees it 
 import math
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from pefttriton.ops import strategy as chooser
-from pefttriton.ops.backend import record_path, resolve_path, use_strategy
+from pefttriton.ops.backend import record_path, resolve_path, use_strategy, uses_triton
 from pefttriton.kernels import lowrank_linear as kernels
 from pefttriton.kernels.launch import acc_dtype
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
+    check_dropout,
     check_scale,
     check_tensor,
     check_x_and_weight,
@@ -122,6 +124,91 @@ def _up(B, b, acc):
     return up * _as(b, acc)[:, None] if b is not None else up
 
 
+class _Drop:
+    """Dropout of the adapter's input in one call: PEFT's ``y = x W^T + bias + s B A drop(x)``,
+    the base GEMM reading ``x`` itself. The rank splits into segments (several adapters
+    concatenated), each with its own probability and seed (``seeds``: int64, one per segment; on
+    the device for the Triton kernels, on the CPU for the PyTorch paths). Only the products that
+    read the adapter's input see the mask: ``x A^T`` forward, ``grad_A = gh^T drop(x)`` and the
+    adapter's part of ``grad_x`` backward, each drawing it again from the seed."""
+
+    def __init__(self, seeds: Tensor, probs: list[float], ranks: list[int]) -> None:
+        self.seeds = seeds
+        bounds = [0]
+        for r in ranks:
+            bounds.append(bounds[-1] + r)
+        self.parts = [(lo, hi, p, i) for i, (lo, hi, p) in enumerate(zip(bounds, bounds[1:], probs))]
+        self._host_seeds = None
+
+    def kernel(self, i: int, cols: int) -> "kernels.Dropout | None":
+        """The Triton kernels' dropout of segment ``i`` of an input with ``cols`` columns (None: p = 0)."""
+        p = self.parts[i][2]
+        return kernels.Dropout(self.seeds[i : i + 1], p, cols) if p > 0 else None
+
+    def keep(self, i: int, shape, device) -> Tensor:
+        """The PyTorch paths' mask of segment ``i`` (True: kept), drawn from its seed."""
+        if self._host_seeds is None:
+            self._host_seeds = self.seeds.tolist()
+        generator = torch.Generator(device=device).manual_seed(self._host_seeds[i])
+        return torch.empty(shape, device=device, dtype=torch.bool).bernoulli_(1.0 - self.parts[i][2], generator=generator)
+
+    def dropped(self, x: Tensor, i: int) -> Tensor:
+        """``drop(x)`` for segment ``i`` in ``x``'s dtype (``x`` itself where p = 0), as nn.Dropout
+        computes it: kept elements scaled by ``1 / (1 - p)``."""
+        p = self.parts[i][2]
+        if p == 0:
+            return x
+        return torch.where(self.keep(i, x.shape, x.device), x * (1.0 / (1.0 - p)), 0).to(x.dtype)
+
+
+def _make_drop(seeds: Tensor | None, probs: list[float], ranks: list[int]) -> _Drop | None:
+    return _Drop(seeds, probs, ranks) if seeds is not None and any(p > 0 for p in probs) else None
+
+
+def _down(x: Tensor, A: Tensor, drop: _Drop | None, triton: bool) -> Tensor:
+    """``drop(x) A^T`` (N, r) in the accumulation dtype (Triton kernels or BLAS)."""
+    acc = acc_dtype(x.dtype)
+    if drop is None:
+        return kernels.fused_gemm(x, A, out_dtype=acc) if triton else mm_acc(x, A.T)
+    xa = torch.empty((x.shape[0], A.shape[0]), device=x.device, dtype=acc)
+    for lo, hi, _, i in drop.parts:
+        if triton:
+            kernels.fused_gemm(x, A[lo:hi], out=xa[:, lo:hi], dropout=drop.kernel(i, x.shape[1]))
+        else:
+            xa[:, lo:hi] = mm_acc(drop.dropped(x, i), A[lo:hi].T)
+    return xa
+
+
+def _lowrank_grad_x(base: Tensor, gh: Tensor, A: Tensor, drop: _Drop | None, triton: bool) -> Tensor:
+    """``base + drop^T(gh A)`` into ``base`` (N, n): the adapter's part of ``grad_x``, each
+    segment's product masked and scaled as its ``drop(x)`` was."""
+    if drop is None:
+        return kernels.add_lowrank_(base, gh, A.T) if triton else base.addmm_(_as(gh, base.dtype), A)
+    for lo, hi, p, i in drop.parts:
+        if triton:
+            kernels.add_lowrank_(base, gh[:, lo:hi], A[lo:hi].T, dropout=drop.kernel(i, base.shape[1]))
+        elif p == 0:
+            base.addmm_(_as(gh[:, lo:hi], base.dtype), A[lo:hi])
+        else:
+            part = _as(gh[:, lo:hi], base.dtype) @ A[lo:hi]
+            base += torch.where(drop.keep(i, base.shape, base.device), part * (1.0 / (1.0 - p)), 0).to(base.dtype)
+    return base
+
+
+def _grad_A(gh: Tensor, x: Tensor, drop: _Drop | None, triton: bool) -> Tensor:
+    """``gh^T drop(x)`` (r, n) in the accumulation dtype of ``gh`` (``gh`` rounded to ``x``'s dtype
+    first, as the other products of 16-bit inputs are)."""
+    if drop is None:
+        return mm_acc(_as(gh, x.dtype).T, x)
+    out = torch.empty((gh.shape[1], x.shape[1]), device=x.device, dtype=gh.dtype)
+    for lo, hi, p, i in drop.parts:
+        if triton and p > 0:  # the kernel reads x's tiles through the mask: drop(x) is never written
+            kernels.fused_gemm(gh[:, lo:hi].T, x.T, out=out[lo:hi], dropout=drop.kernel(i, x.shape[1]), dropout_on="w")
+        else:
+            out[lo:hi] = mm_acc(_as(gh[:, lo:hi], x.dtype).T, drop.dropped(x, i))
+    return out
+
+
 def _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb=None):
     """Gradients of B, d and b from one product ``P = g^T (x A^T)`` (m, r):
 
@@ -157,8 +244,8 @@ def _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb=None)
 # ------------------------------------------------------------------- lean and weight (PyTorch)
 
 
-def _lean_forward(x, weight, bias, A, B, d, b, scale, out):
-    """Writes ``y`` into ``out`` (N, m); returns ``x A^T`` (N, r) in the accumulation dtype.
+def _lean_forward(x, weight, bias, A, B, d, b, scale, out, drop=None):
+    """Writes ``y`` into ``out`` (N, m); returns ``drop(x) A^T`` (N, r) in the accumulation dtype.
 
     In float32 / float64 the scalings fold into ``B_eff = scale * (b * B) * d`` (m, r) and ``y``
     takes two BLAS calls. In 16 bits one GEMM over the concatenated K ``[x | h] [W | b * B]^T``
@@ -168,7 +255,7 @@ def _lean_forward(x, weight, bias, A, B, d, b, scale, out):
     """
     dtype = x.dtype
     acc = acc_dtype(dtype)
-    xa = mm_acc(x, A.T)  # float32 for 16-bit x: backward's vector gradients sum over it
+    xa = _down(x, A, drop, triton=False)  # float32 for 16-bit x: backward's vector gradients sum over it
     if dtype == acc:
         B_eff = _up(B, b, acc) * scale
         if d is not None:
@@ -196,9 +283,10 @@ def _weight_forward(x, weight, bias, A, B, d, b, scale, out):
     return x @ A.T
 
 
-def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side):
+def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side, drop=None):
     """Backward of the lean (``weight_side=False``) and weight strategies; they differ in grad_x
-    only: ``g W + gh A`` against ``g W_eff`` (``W_eff`` formed again, nothing (m, n) is saved)."""
+    only: ``g W + gh A`` against ``g W_eff`` (``W_eff`` formed again, nothing (m, n) is saved).
+    With dropout (lean only) ``gh A`` is masked and ``grad_A`` reads ``drop(x)``."""
     need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
     dtype, acc = g.dtype, xa.dtype
     grads = dict.fromkeys(_GRAD_NAMES)
@@ -209,10 +297,12 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side):
     _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, needs, gb)
     if need_x and weight_side:
         grads["x"] = g @ _delta_weight(A, B, d, b, scale, weight)
-    elif need_x:
+    elif need_x and drop is None:
         grads["x"] = torch.addmm(g @ weight, _as(gh, dtype), A)
+    elif need_x:
+        grads["x"] = _lowrank_grad_x(g @ weight, gh, A, drop, triton=False)
     if need_A:
-        grads["A"] = mm_acc(_as(gh, dtype).T, x)
+        grads["A"] = _grad_A(gh, x, drop, triton=False)
     if need_weight:
         grads["weight"] = g.T @ x
     if need_bias:
@@ -223,7 +313,7 @@ def _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side):
 # ------------------------------------------------------------------------- fused and split (Triton)
 
 
-def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
+def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split, drop=None):
     """Writes ``y`` into ``out`` (N, m); returns ``x A^T`` (N, r) in the accumulation dtype.
 
     ``split``: cuBLAS computes the base GEMM (in float32 for 16-bit inputs, so that the Triton
@@ -232,7 +322,7 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
     scale_h, scale_B = split_scale(scale)
     B_s = _scaled_B(B, scale_B)
     acc = acc_dtype(x.dtype)
-    xa = kernels.fused_gemm(x, A, out_dtype=acc)
+    xa = _down(x, A, drop, triton=True)
     if not split:
         tma = chooser.gemm_kernel(x.device, x.dtype) == "tma"
         kernels.fused_gemm(x, weight, bias, xa, B_s, d, b, scale_h, out=out, tma=tma)
@@ -244,7 +334,7 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
     return xa
 
 
-def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
+def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split, drop=None):
     """Backward of the fused and split strategies. The low-rank gradients (``gh``, ``grad_d``,
     ``grad_b``) come from the Triton kernel that reads ``g`` once, or from the BLAS products the
     lean strategy uses where the cost model says the kernel loses (it is latency-bound at small
@@ -267,16 +357,18 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
             gb = mm_acc(g, _as(_up(B, b, xa.dtype), g.dtype))  # (b * g) B, (N, r), as lean computes it
             gh = gb * _rank_scale(d, scale, xa)
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (need_B, need_d, need_b), gb)
-    if need_x and split:
-        grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
+    tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
+    if need_x and (split or drop is not None):
+        # split: cuBLAS's base GEMM; dropout: the mask applies to gh A alone, so a base GEMM first
+        base = g @ weight if split else kernels.fused_gemm(g, weight.T, tma=tma)
+        grads["x"] = _lowrank_grad_x(base, gh, A, drop, triton=True)
     elif need_x:
         # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
-        tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
         grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
     if need_B and way == "kernel":
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:
-        grads["A"] = mm_acc(gh.to(g.dtype).T, x) if g.dtype != gh.dtype else gh.T @ x
+        grads["A"] = _grad_A(gh, x, drop, triton=True)
     if need_weight:
         grads["weight"] = g.T @ x
     if need_bias:
@@ -284,18 +376,20 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
     return grads
 
 
-def _compute_forward(path, x, weight, bias, A, B, d, b, scale, out):
+def _compute_forward(path, x, weight, bias, A, B, d, b, scale, out, drop=None):
     if path == "lean":
-        return _lean_forward(x, weight, bias, A, B, d, b, scale, out)
+        return _lean_forward(x, weight, bias, A, B, d, b, scale, out, drop)
     if path == "weight":
+        if drop is not None:  # resolve_path never picks it with dropout
+            raise ValueError("strategy 'weight' cannot apply dropout to the adapter's input")
         return _weight_forward(x, weight, bias, A, B, d, b, scale, out)
-    return _triton_forward(x, weight, bias, A, B, d, b, scale, out, split=path == "split")
+    return _triton_forward(x, weight, bias, A, B, d, b, scale, out, split=path == "split", drop=drop)
 
 
-def _compute_backward(path, g, x, xa, weight, A, B, d, b, scale, needs):
+def _compute_backward(path, g, x, xa, weight, A, B, d, b, scale, needs, drop=None):
     if path in ("lean", "weight"):
-        return _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side=path == "weight")
-    return _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split=path == "split")
+        return _torch_backward(g, x, xa, weight, A, B, d, b, scale, needs, weight_side=path == "weight", drop=drop)
+    return _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split=path == "split", drop=drop)
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -354,14 +448,19 @@ def time_path(path: str, device: torch.device, dtype: torch.dtype, shape: tuple[
 
 
 def _run_path(path: str, t: Tensor, weight: Tensor, A: Tensor) -> str:
-    """``path`` itself, or resolved now for a ``"?<trains>"`` placeholder (forward and backward
-    resolve from the same shapes and the same ``trains``, so they agree)."""
+    """``path`` itself, or resolved now for a ``"?<trains>"`` placeholder (``"?<trains>+dropout"``
+    with dropout): forward and backward resolve from the same shapes, ``trains`` and dropout, so
+    they agree."""
     if not path.startswith("?"):
         return path
+    trains, _, dropout = path[1:].partition("+")
     m, n = weight.shape
     shape = (math.prod(t.shape[:-1]), n, m, A.shape[0])
-    return resolve_path(t.device, t.dtype, shape, path[1:])
+    return resolve_path(t.device, t.dtype, shape, trains, dropout=dropout == "dropout")
 
+
+# The op's arguments after the tensors of the formula: scale, path, then dropout (seeds: int64 (S,),
+# dropout: one probability per rank segment, ranks: the segments' ranks; see _Drop).
 
 
 @torch.library.custom_op("pefttriton::lowrank_linear_fwd", mutates_args=())
@@ -375,30 +474,34 @@ def _lowrank_linear_fwd(
     b: Tensor | None,
     scale: float,
     path: str,
+    seeds: Tensor | None,
+    dropout: list[float],
+    ranks: list[int],
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``y`` (..., m) and ``x A^T`` (N, r) in the accumulation dtype, which backward needs.
+    """Returns ``y`` (..., m) and ``drop(x) A^T`` (N, r) in the accumulation dtype, which backward needs.
 
     ``x`` is (..., n); the tokens are flattened inside, so that ``y`` comes out as a tensor of its
     own, never a view (FSDP2 refuses views from a wrapped module: an in-place op on one would
     skip its hooks). ``path`` is one of :data:`pefttriton.ops.backend.PATHS`, or ``"?"`` followed by
     what trains (``"?vectors"``, ...) to resolve it now (under ``torch.compile``).
     """
-    return _forward(x, weight, bias, A, B, d, b, scale, _run_path(path, x, weight, A))
+    path = _run_path(path, x, weight, A)
+    return _forward(x, weight, bias, A, B, d, b, scale, path, _make_drop(seeds, dropout, ranks))
 
 
-def _forward(x, weight, bias, A, B, d, b, scale, path):
-    """What both registrations of the op run forward: ``(y, x A^T)``."""
+def _forward(x, weight, bias, A, B, d, b, scale, path, drop):
+    """What both registrations of the op run forward: ``(y, drop(x) A^T)``."""
     m, n = weight.shape
     x2 = flatten_tokens(x, n)
     y = torch.empty((*x.shape[:-1], m), device=x.device, dtype=x.dtype)
     out = y.view(x2.shape[0], m)
     with no_autocast(x):
-        xa = _compute_forward(path, x2, weight, bias, A, B, d, b, scale, out)
+        xa = _compute_forward(path, x2, weight, bias, A, B, d, b, scale, out, drop)
     return y, xa
 
 
 @_lowrank_linear_fwd.register_fake
-def _(x, weight, bias, A, B, d, b, scale, path):
+def _(x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks):
     xa = x.new_empty((math.prod(x.shape[:-1]), A.shape[0]), dtype=acc_dtype(x.dtype))
     return x.new_empty((*x.shape[:-1], weight.shape[0])), xa
 
@@ -417,23 +520,27 @@ def _lowrank_linear_bwd(
     scale: float,
     needs: list[bool],
     path: str,
+    seeds: Tensor | None,
+    dropout: list[float],
+    ranks: list[int],
 ) -> list[Tensor]:
     """Gradients for (x, weight, bias, A, B, d, b); an empty tensor where ``needs`` is False.
 
     ``grad_y`` is (..., m) like the forward's ``y``; ``x`` (..., n) or empty when not saved.
     """
-    grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, _run_path(path, grad_y, weight, A))
+    path = _run_path(path, grad_y, weight, A)
+    grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path, _make_drop(seeds, dropout, ranks))
     return [grad_y.new_empty(0) if g is None else g for g in grads]
 
 
-def _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
+def _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path, drop):
     """What both registrations of the op run backward: the gradients of (x, weight, bias, A, B, d,
     b), None where ``needs`` is False."""
     m, n = weight.shape
     g = grad_y.reshape(-1, m) if m > 0 else grad_y.reshape(math.prod(grad_y.shape[:-1]), 0)
     x2 = flatten_tokens(x, n) if needs[1] or needs[3] else x  # saved only for grad_weight, grad_A
     with no_autocast(grad_y):
-        grads = _compute_backward(path, g, x2, xa, weight, A, B, d, b, scale, needs)
+        grads = _compute_backward(path, g, x2, xa, weight, A, B, d, b, scale, needs, drop)
     if needs[0]:
         grads["x"] = grads["x"].reshape(*grad_y.shape[:-1], n)
     inputs = (x, weight, bias, A, B, d, b)
@@ -441,7 +548,7 @@ def _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path)
 
 
 @_lowrank_linear_bwd.register_fake
-def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
+def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path, seeds, dropout, ranks):
     grads = [grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))]
     # An absent (None) input never needs a gradient, so its slot is always the empty tensor.
     grads += [t.new_empty(t.shape) if t is not None else None for t in (weight, bias, A, B, d, b)]
@@ -449,22 +556,25 @@ def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, d, b, scale, path = inputs
+    x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks = inputs
     needs = list(ctx.needs_input_grad[:7])
-    # x is kept only for weight gradients of A (LoRA) or W; VeRA's backward needs x A^T alone.
+    # x is kept only for weight gradients of A (LoRA) or W; VeRA's backward needs x A^T alone (and,
+    # with dropout, the seeds that draw the mask again).
     keep_x = needs[1] or needs[3]
-    ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, A, B, d, b)
-    ctx.scale, ctx.needs, ctx.path = scale, needs, path
+    ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, A, B, d, b, seeds)
+    ctx.scale, ctx.needs, ctx.path, ctx.dropout, ctx.ranks = scale, needs, path, dropout, ranks
 
 
 def _saved(ctx, grad_y):
-    x, xa, weight, bias, A, B, d, b = ctx.saved_tensors
-    return (grad_y.new_empty(0) if x is None else x), xa, weight, bias, A, B, d, b
+    x, xa, weight, bias, A, B, d, b, seeds = ctx.saved_tensors
+    return (grad_y.new_empty(0) if x is None else x), xa, weight, bias, A, B, d, b, seeds
 
 
 def _backward(ctx, grad_y, grad_xa):
-    grads = _lowrank_linear_bwd(grad_y, *_saved(ctx, grad_y), ctx.scale, ctx.needs, ctx.path)
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)], None, None)
+    x, xa, weight, bias, A, B, d, b, seeds = _saved(ctx, grad_y)
+    grads = _lowrank_linear_bwd(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path,
+                                seeds, ctx.dropout, ctx.ranks)
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)], *([None] * 5))
 
 
 _lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -476,14 +586,17 @@ class _EagerLowRankLinear(torch.autograd.Function):
     which dominate small layers). ``torch.compile`` traces the custom ops instead (one graph node)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, d, b, scale, path):
-        y, xa = _forward(x, weight, bias, A, B, d, b, scale, path)
-        _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path), (y, xa))
+    def forward(ctx, x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks):
+        y, xa = _forward(x, weight, bias, A, B, d, b, scale, path, _make_drop(seeds, dropout, ranks))
+        _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks), (y, xa))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return (*_backward_grads(grad_y, *_saved(ctx, grad_y), ctx.scale, ctx.needs, ctx.path), None, None)
+        x, xa, weight, bias, A, B, d, b, seeds = _saved(ctx, grad_y)
+        drop = _make_drop(seeds, ctx.dropout, ctx.ranks)
+        grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path, drop)
+        return (*grads, *([None] * 5))
 
 
 # ------------------------------------------------------------------------------ public API
@@ -498,8 +611,11 @@ def lowrank_linear(
     d: Tensor | None = None,
     b: Tensor | None = None,
     scale: float = 1.0,
+    *,
+    dropout: float | Sequence[float] = 0.0,
+    rank_segments: Sequence[int] | None = None,
 ) -> Tensor:
-    """Fused ``y = x W^T + bias + scale * b * ((d * (x A^T)) B^T)``.
+    """Fused ``y = x W^T + bias + scale * b * ((d * (drop(x) A^T)) B^T)``.
 
     Args:
         x: (..., n) input, float16 / bfloat16 / float32 / float64.
@@ -511,6 +627,19 @@ def lowrank_linear(
         b: (m,) or None, scales the output of the low-rank path (VeRA's ``lambda_b``); dtype of ``x``
             or float32.
         scale: scalar multiplier of the low-rank path (LoRA's ``alpha / r``).
+        dropout: probability in [0, 1) that an element of ``x`` is dropped from the low-rank path's
+            input (PEFT's ``lora_dropout`` / ``vera_dropout``; the base GEMM reads ``x`` itself); the
+            kept elements are scaled by ``1 / (1 - p)``. A sequence gives one probability per rank
+            segment. Pass 0 outside training, as ``nn.Dropout`` does in eval mode.
+        rank_segments: ranks of consecutive segments of ``A``'s rows (and ``B``'s, ``d``'s columns),
+            summing to r: several adapters concatenated, each with its own dropout mask. Default:
+            one segment.
+
+    Dropout keeps no mask: each call draws one seed per segment from the generator of ``x``'s
+    device (the Triton paths; the CPU generator for the PyTorch paths), so ``torch.manual_seed``
+    reproduces a run and activation checkpointing's recompute (which restores the RNG state) draws
+    the same mask; forward and backward draw the mask again from the seed wherever they read the
+    adapter's input. The ``weight`` strategy cannot drop (it folds the adapter into ``W``).
 
     Every tensor may have any strides. Under ``torch.autocast`` the op behaves like ``F.linear``:
     ``x``, ``weight``, ``bias``, ``A`` and ``B`` are cast to the autocast dtype (float64 ones are
@@ -522,7 +651,8 @@ def lowrank_linear(
 
     Returns:
         (..., m) tensor of ``x.dtype``. Differentiable in every tensor argument; backward saves
-        ``x A^T`` (N, r) and, only when ``A`` or ``weight`` needs a gradient, ``x``.
+        ``drop(x) A^T`` (N, r) and, only when ``A`` or ``weight`` needs a gradient, ``x`` (and the
+        seeds of the dropout masks).
     """
     if isinstance(x, Tensor):
         dtype = autocast_dtype(x)
@@ -549,10 +679,39 @@ def lowrank_linear(
     if b is not None:
         check_tensor("b", b, (m,), x, with_fp32)
     scale = check_scale(scale)
+    probs, ranks = check_dropout(dropout, rank_segments, r)
+    dropping = any(p > 0 for p in probs)
     # Eager calls fix the path here, so that backward runs the same one (see pefttriton.ops.backend).
     trains = _trains(x, weight, A, B, d, b)
     if torch.compiler.is_compiling():
-        y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, "?" + trains)
+        seeds = _draw_seeds(len(probs), x.device) if dropping else None
+        placeholder = "?" + trains + ("+dropout" if dropping else "")
+        y, _ = _lowrank_linear_fwd(x, weight, bias, A, B, d, b, scale, placeholder, seeds, probs, ranks)
         return y
-    path = record_path(resolve_path(x.device, x.dtype, (math.prod(x.shape[:-1]), n, m, r), trains, time_path))
-    return _EagerLowRankLinear.apply(x, weight, bias, A, B, d, b, scale, path)
+    shape = (math.prod(x.shape[:-1]), n, m, r)
+    path = record_path(resolve_path(x.device, x.dtype, shape, trains, time_path, dropout=dropping))
+    seeds = _draw_seeds(len(probs), x.device if uses_triton(path) else torch.device("cpu")) if dropping else None
+    return _EagerLowRankLinear.apply(x, weight, bias, A, B, d, b, scale, path, seeds, probs, ranks)
+
+
+def dropout_masks(path: str, seeds: Tensor, dropout: Sequence[float], rank_segments: Sequence[int],
+                  rows: int, cols: int) -> list[Tensor | None]:
+    """The keep masks (rows, cols), True where kept, that a call on ``path`` draws for its rank
+    segments from ``seeds`` (None for a segment with p = 0). The op never stores them; tests and
+    debugging rebuild them here, with the seeds a call drew."""
+    drop = _Drop(seeds, list(dropout), list(rank_segments))
+    masks = []
+    for _, _, p, i in drop.parts:
+        if p == 0:
+            masks.append(None)
+        elif uses_triton(path):
+            masks.append(kernels.dropout_keep(drop.kernel(i, cols), rows))
+        else:
+            masks.append(drop.keep(i, (rows, cols), seeds.device))
+    return masks
+
+
+def _draw_seeds(count: int, device: torch.device) -> Tensor:
+    """One dropout seed per rank segment, from the default generator of ``device``: on the GPU
+    without a host sync (the kernels read it), and under a CUDA graph from the graph-safe generator."""
+    return torch.randint(0, 2**62, (count,), device=device, dtype=torch.int64)

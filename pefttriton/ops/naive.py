@@ -16,12 +16,15 @@ def lowrank_linear_reference(
     d: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     scale: float = 1.0,
+    adapter_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x W^T + bias + scale * b * ((d * (x A^T)) B^T)`` for x of shape (..., n)."""
+    """``y = x W^T + bias + scale * b * ((d * (u A^T)) B^T)`` for x of shape (..., n), where the
+    low-rank path reads ``u = adapter_input`` (x's shape; default ``x`` itself, ``drop(x)`` with
+    dropout)."""
     y = x @ weight.T
     if bias is not None:
         y = y + bias
-    down = x @ A.T
+    down = (x if adapter_input is None else adapter_input) @ A.T
     if d is not None:
         down = down * d
     up = down @ B.T

@@ -51,6 +51,28 @@ def check_scale(scale) -> float:
     return float(scale)
 
 
+def _probability(p, name: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_dropout(dropout, rank_segments, r: int) -> tuple[list[float], list[int]]:
+    """``(probabilities, ranks)``, one per rank segment: ``dropout`` a probability in [0, 1) or one
+    per segment, ``rank_segments`` positive ints summing to ``r`` (None: one segment of rank r)."""
+    if rank_segments is None:
+        ranks = [r]
+    else:
+        ranks = list(rank_segments) if isinstance(rank_segments, (list, tuple)) else None
+        if not ranks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ranks) or sum(ranks) != r:
+            raise ValueError(f"rank_segments must be positive ints summing to the rank {r}, got {rank_segments!r}")
+    if isinstance(dropout, (list, tuple)):
+        if len(dropout) != len(ranks):
+            raise ValueError(f"dropout must give one probability per rank segment ({len(ranks)}), got {len(dropout)}")
+        return [_probability(p, "dropout") for p in dropout], ranks
+    return [_probability(dropout, "dropout")] * len(ranks), ranks
+
+
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype ``F.linear`` would compute in for ``x`` under ``torch.autocast`` now, else None.
 
