@@ -72,14 +72,18 @@ def test_selftest_runs_and_reports(tmp_path):
 
 
 def test_sections_not_run_are_listed_and_make_the_run_incomplete(tmp_path):
-    proc = _run("--selftest", "--out", str(tmp_path), "--only", "autocast")
+    """--only: the other sections are listed as skipped and the verdict is INCOMPLETE, with its own
+    exit status; one cache warmer runs a later section in a process of its own and is recorded."""
+    proc = _run("--selftest", "--out", str(tmp_path), "--only", "compile,autocast", "--jobs", "1")
     assert proc.returncode == gpu_check.EXIT_INCOMPLETE, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("VERDICT: INCOMPLETE (12 sections skipped: preflight, correctness_bf16"), last
+    assert last.startswith("VERDICT: INCOMPLETE (11 sections skipped: preflight, correctness_bf16"), last
     report = json.loads((tmp_path / "gpu-check-selftest.json").read_text())
-    assert report["sections"]["autocast"]["status"] == "pass"
+    assert report["sections"]["compile"]["status"] == report["sections"]["autocast"]["status"] == "pass"
     assert report["sections"]["speed"] == {"status": "skipped", "reason": "not in --only"}
     assert "speed: not in --only" in report["skipped"]
+    (warmer,) = report["warmers"]
+    assert warmer["sections"] == ["autocast"] and warmer["rc"] is not None
     assert _run("--selftest", "--out", str(tmp_path), "--skip", "nonsense").returncode == gpu_check.EXIT_CANNOT_RUN
 
 
