@@ -103,7 +103,7 @@ def test_out_of_budget_sections_are_skipped_not_dropped(tmp_path):
     gpu_check.run_sections(run, list(gpu_check.SECTIONS), functions)
     assert ran == list(gpu_check.SECTION_NAMES) and run.report["verdict"] == "PASS"
     shares = gpu_check.allotments(gpu_check.SECTIONS, 450.0)
-    assert sum(shares) == pytest.approx(450.0) and shares[1] == pytest.approx(70.0)  # correctness_bf16
+    assert sum(shares) == pytest.approx(450.0) and shares[1] == pytest.approx(110.0)  # correctness_bf16
 
 
 def test_verdict_and_exit_codes():
