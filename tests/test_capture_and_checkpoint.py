@@ -102,3 +102,21 @@ def test_measured_autotune_under_activation_checkpointing(gen, use_reentrant):
     layer(x2).square().sum().backward()
     for got, want in zip(grads, (x2.grad, layer.lora_A.grad, layer.lora_B.grad)):
         assert rel_err(got, want) < 1e-6
+
+
+def test_kernel_overrides_reach_a_backward_in_another_thread(gen, monkeypatch):
+    """use_lowrank_backward / use_gemm_kernel around the forward hold for its backward even when
+    the backward runs in a thread that never saw them (CUDA's autograd threads)."""
+    import threading
+
+    seen = []
+    real = chooser.lowrank_backward
+    monkeypatch.setattr(chooser, "lowrank_backward", lambda *args: seen.append(real(*args)) or seen[-1])
+    x = torch.randn(9, 12, generator=gen, device=DEVICE, requires_grad=True)
+    w, A, B = (torch.randn(*s, generator=gen, device=DEVICE) for s in ((10, 12), (3, 12), (10, 3)))
+    with pefttriton.use_backend("triton"), chooser.use_lowrank_backward("blas"):
+        y = pefttriton.lowrank_linear(x, w, None, A, B)
+    worker = threading.Thread(target=lambda: y.sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == ["blas"] and x.grad is not None

@@ -589,13 +589,15 @@ class _EagerLowRankLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks):
         y, xa = _forward(x, weight, bias, A, B, d, b, scale, path, _make_drop(seeds, dropout, ranks))
         _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks), (y, xa))
+        ctx.overrides = chooser.kernel_overrides()  # the backward may run in another thread
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, weight, bias, A, B, d, b, seeds = _saved(ctx, grad_y)
         drop = _make_drop(seeds, ctx.dropout, ctx.ranks)
-        grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path, drop)
+        with chooser.kernel_overrides_set(ctx.overrides):
+            grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path, drop)
         return (*grads, *([None] * 5))
 
 

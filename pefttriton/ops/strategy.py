@@ -253,6 +253,19 @@ def use_lowrank_backward(name: str):
         _LOWRANK_BACKWARD.reset(token)
 
 
+def kernel_overrides() -> tuple[str, str]:
+    """The :func:`use_lowrank_backward` and :func:`use_gemm_kernel` settings of this context: an eager
+    call keeps them for its backward, which on CUDA runs in an autograd thread that does not see them."""
+    return _LOWRANK_BACKWARD.get(), _GEMM_KERNEL.get()
+
+
+@contextlib.contextmanager
+def kernel_overrides_set(overrides: tuple[str, str]):
+    """Inside the block, the settings :func:`kernel_overrides` returned."""
+    with use_lowrank_backward(overrides[0]), use_gemm_kernel(overrides[1]):
+        yield
+
+
 def lowrank_backward(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], trains: str) -> str:
     """"kernel" or "blas": how a Triton path's backward computes ``gh``, ``grad_d`` and ``grad_b``
     for a call of ``shape`` (tokens, in, out, rank). Off CUDA (Triton's interpreter, for tests)
