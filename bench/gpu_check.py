@@ -1056,7 +1056,7 @@ def model_line(model) -> str:
 
     return (f"DeviceModel(name={model.name!r}, flops={table(model.flops)}, bandwidth={num(model.bandwidth)}, "
             f"launch={num(model.launch)}, triton_gemm={table(model.triton_gemm)}, sms={model.sms}, "
-            f"grad_step={num(model.grad_step)}, measured={model.measured})")
+            f"grad_step={num(model.grad_step)}, measured={model.measured}, tma_gemm={table(model.tma_gemm)})")
 
 
 @contextlib.contextmanager
@@ -1151,7 +1151,7 @@ def sec_device_model(run: Run, sec: SectionRun) -> None:
 
     # 4. the Triton GEMM's rate over the BLAS's, per dot family (fused_gemm without the low-rank segment)
     T, kin, kout = dm["triton_gemm"]
-    triton_gemm = {}
+    triton_gemm, tma_gemm = {}, {}
     for family, key in (("16-bit", "bf16"), ("tf32", "tf32"), ("fp32", "fp32")):
         if sec.out_of_time():
             sec.leave_out(f"triton_gemm from {family} on: out of time")
@@ -1161,10 +1161,18 @@ def sec_device_model(run: Run, sec: SectionRun) -> None:
             kernels.fused_gemm(x, w)  # autotunes this key outside the timed runs
             t_triton = timed(lambda: kernels.fused_gemm(x, w))
             t_blas = timed(lambda: torch.mm(x, w.T))
+            # the Hopper variant (TMA, persistent tiles) where it runs: 16-bit and TF32 dots on sm_90+
+            t_tma = None
+            if family in kernels.TMA_CONFIGS and kernels.tma_supported(x, w):
+                kernels.fused_gemm(x, w, tma=True)
+                t_tma = timed(lambda: kernels.fused_gemm(x, w, tma=True))
+                tma_gemm[family] = t_blas / t_tma
         triton_gemm[family] = t_blas / t_triton
-        out.setdefault("triton_gemm", {"shape": [T, kin, kout], "values": {}, "seconds": {}})
+        out.setdefault("triton_gemm", {"shape": [T, kin, kout], "values": {}, "seconds": {}, "tma_values": {}})
         out["triton_gemm"]["values"][family] = triton_gemm[family]
-        out["triton_gemm"]["seconds"][family] = {"triton": t_triton, "blas": t_blas}
+        out["triton_gemm"]["seconds"][family] = {"triton": t_triton, "blas": t_blas, "tma": t_tma}
+        if t_tma is not None:
+            out["triton_gemm"]["tma_values"][family] = tma_gemm[family]
         del x, w
 
     # 5. launch: host seconds per call of back-to-back tiny calls (a tiny fused_gemm reuses the
@@ -1202,7 +1210,7 @@ def sec_device_model(run: Run, sec: SectionRun) -> None:
         name=name, flops={k: flops[k] for k in ("fp16", "bf16", "fp32", "tf32", "fp64")}, bandwidth=bandwidth,
         launch=launch_s if launch_s is not None else static.launch,
         triton_gemm={k: triton_gemm.get(k, static.triton_gemm[k]) for k in ("16-bit", "tf32", "fp32")},
-        sms=sms, grad_step=fit["grad_step"] if fit else static.grad_step, measured=True)
+        sms=sms, grad_step=fit["grad_step"] if fit else static.grad_step, measured=True, tma_gemm=tma_gemm)
     line = model_line(fitted)
     parsed = eval(line, {"DeviceModel": strategy.DeviceModel})  # noqa: S307 - our own line, checked to round-trip
     out["model_line"] = line
