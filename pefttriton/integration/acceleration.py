@@ -16,12 +16,20 @@ Nothing is added to the model or registered: parameters, buffers, ``state_dict()
 mixed-adapter batches) is still PEFT doing it.
 
 How PEFT's tensors map onto the engine (PEFT 0.21, ``tuners/lora/layer.py``,
-``tuners/vera/layer.py``), for the one active adapter ``a``:
+``tuners/vera/layer.py``, ``tuners/lora/dora.py``), for one active adapter ``a``:
 
     LoRA: A = lora_A[a].weight            B = lora_B[a].weight            d = b = None
-          scale = scaling[a]
+          scale = scaling[a]              bias += scale * lora_B[a].bias (lora_bias)
     VeRA: A = vera_A[a][:, :in_features]  B = vera_B[a][:out_features, :]  (PEFT's slices)
           d = vera_lambda_d[a]            b = vera_lambda_b[a]            scale = 1
+    dropout = p of lora_dropout[a] / vera_dropout[a] in training, 0 in eval (the engine drops
+          elements of the low-rank path's input only, as PEFT does, and keeps no mask)
+    DoRA: y = (magnitude / ||W + scale B A||) * (x W^T + scale B A x [+ scale lora_B.bias]) + bias,
+          the norm per output row detached and computed without forming W + scale B A
+
+Several active adapters (PEFT sums their low-rank paths) make one engine call over their
+concatenated ranks: LoRA's scales ride on the rank vector ``d``, VeRA's ``lambda_b`` folds into
+its columns of ``B``, and each adapter keeps its own dropout mask (one rank segment each).
 
 ``W`` is the base layer's weight (``weight.T`` for GPT-2's ``Conv1D``, which stores (in, out);
 ``fan_in_fan_out`` only changes how PEFT merges). ``scaling[a]`` is read per layer and per call, so
@@ -32,21 +40,24 @@ and dtype (a cached cast, refreshed when PEFT's buffer changes; see ``_PROJECTIO
 are used as held (fp32). Under ``torch.autocast`` the op casts like ``F.linear``.
 
 PEFT's forward runs instead, per layer and per call, when any of these holds (the report says
-which): adapters disabled; an adapter merged; not exactly one active adapter; DoRA or another
-LoRA variant; ``lora_bias``; dropout ``p > 0`` in training (the engine feeds one ``x`` to the
-base GEMM and the low-rank path, and PEFT's dropout applies to the low-rank path only); extra
-forward arguments (``adapter_names=`` for mixed batches, variant kwargs); a base layer that is not
-a plain ``nn.Linear`` / ``Conv1D`` with plain tensors (quantized, tensor-parallel, with hooks of
-its own); ``x`` of another dtype than the weight outside autocast, or on another device; layers
-PEFT would reject anyway (shape mismatches), so that PEFT raises its own error. Layers of other
-types (LoRA on embeddings or convolutions, IA3, ...) are left alone and listed as such.
+which): adapters disabled; an adapter merged; a LoRA variant other than DoRA; DoRA among several
+active adapters, or with dropout in training (PEFT then feeds the dropped ``x`` to the base weight
+too); a dropout module other than ``nn.Dropout`` / ``nn.Identity``; extra forward arguments
+(``adapter_names=`` for mixed batches, variant kwargs); a base layer that is not a plain
+``nn.Linear`` / ``Conv1D`` with plain tensors (quantized, tensor-parallel, with hooks of its own);
+``x`` of another dtype than the weight outside autocast, or on another device; layers PEFT would
+reject anyway (shape mismatches), so that PEFT raises its own error. Layers of other types (LoRA on
+embeddings or convolutions, IA3, ...) are left alone and listed as such.
 
 Differences from PEFT: the low-rank path is added inside the base GEMM's accumulation (rounded
 once), where PEFT adds it after; fp32 outputs agree to ~1e-7 relative, 16-bit ones to their
-rounding (``tests/test_accelerate.py``). For backward a VeRA layer keeps ``x A^T`` (tokens x r,
-fp32) and no (tokens, out) tensor: PEFT's keeps ``x A^T`` and ``B (d * x A^T)`` (tokens x out), so
-the accelerated layer keeps ``r / (r + out_features)`` of PEFT's bytes. A LoRA layer keeps ``x``
-and ``x A^T`` as PEFT's does (in ``x``'s dtype where PEFT keeps an fp32 copy of a 16-bit ``x``).
+rounding (``tests/test_accelerate.py``, ``tests/test_accelerate_configs.py``); dropout masks are
+drawn by the engine (from torch's generators, so ``torch.manual_seed`` reproduces a run), not by
+``nn.Dropout``. For backward a VeRA layer keeps ``x A^T`` (tokens x r, fp32) and no (tokens, out)
+tensor: PEFT's keeps ``x A^T`` and ``B (d * x A^T)`` (tokens x out), so the accelerated layer keeps
+``r / (r + out_features)`` of PEFT's bytes. A LoRA layer keeps ``x`` and ``x A^T`` as PEFT's does
+(in ``x``'s dtype where PEFT keeps an fp32 copy of a 16-bit ``x``); with dropout PEFT also keeps
+each layer's dropped copy of ``x`` and its mask, the engine only a seed.
 
 Layers added later (``add_adapter`` with new target modules, ``PeftModel.from_pretrained``) are
 new modules: call :func:`accelerate` again (it is idempotent). ``merge_and_unload`` / ``unload``
@@ -56,13 +67,16 @@ replace the PEFT layers by their base layers, which drops the instance forward w
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pefttriton.ops import lowrank_linear
+from pefttriton.ops.backend import last_path
 from pefttriton.ops.validation import FLOAT_DTYPES, autocast_dtype
 
 # --------------------------------------------------------------------------- PEFT's classes
@@ -77,6 +91,7 @@ def _peft_classes() -> tuple[type, type, type]:
     return BaseTunerLayer, LoraLinear, VeraLinear
 
 
+@functools.lru_cache(maxsize=1)
 def _conv1d() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -85,18 +100,28 @@ def _conv1d() -> type | None:
     return Conv1D
 
 
+@functools.lru_cache(maxsize=1)
+def _dora_variant() -> type | None:
+    """PEFT's DoRA variant of a LoRA Linear layer (``lora_variant[a]``), None where PEFT has none."""
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # pragma: no cover - older PEFT
+        return None
+    return DoraLinearVariant
+
+
 # --------------------------------------------------------------------------- eligibility
 
 # Reasons a call runs PEFT's forward. Constant strings: the call-time check returns one of them (or
-# None), which keeps it cheap and traceable by torch.compile; the report shows them as they are.
+# the engine's inputs), which keeps it cheap and traceable by torch.compile; the report shows them.
 DISABLED = "adapters disabled (PEFT runs the base layer alone)"
 MERGED = "adapter merged into the base weight (PEFT runs the base layer alone)"
-NOT_ONE_ACTIVE = "not exactly one active adapter"
-NO_ADAPTER = "the active adapter is not on this layer"
-VARIANT = "LoRA variant (DoRA or another lora_variant)"
-LORA_BIAS = "lora_bias (B has a bias)"
+NO_ADAPTER = "no active adapter is on this layer (PEFT runs the base layer alone)"
+VARIANT = "LoRA variant other than DoRA"
+DORA_SEVERAL = "DoRA among several active adapters (PEFT's result depends on their order)"
+DORA_DROPOUT = "DoRA with dropout while training (PEFT feeds the dropped x to the base weight too)"
 NOT_LINEAR = "adapter factors are not plain nn.Linear"
-DROPOUT = "dropout p > 0 while training (the engine feeds one x to both paths)"
+DROPOUT_TYPE = "adapter dropout is not nn.Dropout / nn.Identity"
 BASE_TYPE = "base layer is not a plain nn.Linear / transformers Conv1D"
 BASE_HOOKS = "base layer has hooks or a patched forward"
 ADAPTER_HOOKS = "lora_A / lora_B have hooks or a patched forward"
@@ -111,14 +136,11 @@ NO_CAST = "input dtype casting disabled and the adapter's dtype differs from x's
 SCALING = "scaling is not a Python number"
 GLOBAL_HOOKS = "global module hooks are registered"
 UNKNOWN = "PEFT layer without the attributes pefttriton reads (another PEFT version?)"
-
-
-def _dropout_active(module: nn.Module) -> bool:
-    if isinstance(module, nn.Identity):
-        return False
-    if type(module) is nn.Dropout:
-        return module.training and module.p > 0
-    return True  # an unknown module in dropout's place: let PEFT run it
+# Reasons of PEFT 0.20 and earlier pefttriton, kept for code that compared against them: each of these
+# configurations now runs fused.
+NOT_ONE_ACTIVE = "not exactly one active adapter"
+LORA_BIAS = "lora_bias (B has a bias)"
+DROPOUT = "dropout p > 0 while training (the engine feeds one x to both paths)"
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -130,80 +152,125 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _base_reason(layer: nn.Module) -> str | None:
-    base = layer.base_layer
+def _dropout_p(module: nn.Module) -> float | None:
+    """The probability ``module`` drops with now (0 in eval mode), None for a module the engine
+    cannot stand in for."""
+    if type(module) is nn.Identity:
+        return 0.0
+    if type(module) is nn.Dropout and not _has_hooks(module):
+        return module.p if module.training else 0.0
+    return None
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(
+        module._global_forward_hooks or module._global_forward_pre_hooks
+        or module._global_backward_hooks or module._global_backward_pre_hooks
+    )
+
+
+def _base_reason(base: nn.Module) -> str | None:
     if type(base) is not nn.Linear and type(base) is not _conv1d():
         return BASE_TYPE
     if _has_hooks(base):
         return BASE_HOOKS
     if getattr(base, "_hf_tp_plan", None) is not None:
         return WEIGHT_TYPE
-    for t in (base.weight, base.bias):
+    params = base._parameters
+    for t in (params["weight"], params.get("bias")):
         if t is not None and type(t) is not nn.Parameter and type(t) is not torch.Tensor:
             return WEIGHT_TYPE
     return None
 
 
-def _lora_reason(layer: nn.Module, a: str) -> str | None:
-    if a not in layer.lora_A or a not in layer.lora_B:
-        return NO_ADAPTER
-    if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a, False):
-        return VARIANT
-    if getattr(layer, "lora_bias", {}).get(a, False) or layer.lora_B[a].bias is not None:
-        return LORA_BIAS
-    lora_A, lora_B = layer.lora_A[a], layer.lora_B[a]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+class _Adapter(NamedTuple):
+    """One active adapter of a layer, as the engine reads it (PEFT's own tensors)."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+    p: float  # dropout probability now
+    d: torch.Tensor | None = None  # VeRA's lambda_d (r,)
+    b: torch.Tensor | None = None  # VeRA's lambda_b (out,)
+    bias: torch.Tensor | None = None  # lora_bias: lora_B's bias (out,)
+    magnitude: torch.Tensor | None = None  # DoRA's magnitude (out,)
+
+
+def _lora_adapter(layer: nn.Module, a: str) -> _Adapter | str:
+    mods = layer._modules
+    lora_A, lora_B = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a]
+    magnitude = None
+    variant = layer.lora_variant.get(a) if hasattr(layer, "lora_variant") else None
+    if variant is not None or getattr(layer, "use_dora", {}).get(a, False):
+        if type(variant) is not _dora_variant():
+            return VARIANT
+        magnitude = mods["lora_magnitude_vector"]._modules[a]._parameters["weight"]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A._parameters["bias"] is not None:
         return NOT_LINEAR
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return ADAPTER_HOOKS
-    if lora_A.weight.shape[1] != layer.in_features or lora_B.weight.shape != (layer.out_features, lora_A.weight.shape[0]):
+    A, B = lora_A._parameters["weight"], lora_B._parameters["weight"]
+    if A.shape[1] != layer.in_features or B.shape != (layer.out_features, A.shape[0]):
         return SHAPES
-    scaling = layer.scaling.get(a)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+    scale = layer.scaling[a]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return SCALING
-    if _dropout_active(layer.lora_dropout[a]):
-        return DROPOUT
-    return None
+    p = _dropout_p(mods["lora_dropout"]._modules[a])
+    if p is None:
+        return DROPOUT_TYPE
+    return _Adapter(A, B, float(scale), p, bias=lora_B._parameters["bias"], magnitude=magnitude)
 
 
-def _vera_reason(layer: nn.Module, a: str) -> str | None:
-    if a not in layer.vera_lambda_d or a not in layer.vera_lambda_b:
-        return NO_ADAPTER
+def _vera_adapter(layer: nn.Module, a: str) -> _Adapter | str:
     if getattr(layer, "quantization_backend", None) is not None:
         return QUANTIZED
-    if layer.vera_A is None or layer.vera_B is None or a not in layer.vera_A or a not in layer.vera_B:
-        return NO_ADAPTER
-    A, B = layer.vera_A[a], layer.vera_B[a]
+    vera_A, vera_B = layer.vera_A, layer.vera_B
+    if vera_A is None or vera_B is None or a not in vera_A or a not in vera_B:
+        return SHAPES
+    A, B = vera_A[a], vera_B[a]
     d, b = layer.vera_lambda_d[a], layer.vera_lambda_b[a]
     r = d.shape[0]
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
         return SHAPES
     if A.shape[1] < layer.in_features or B.shape[0] < layer.out_features or b.shape != (layer.out_features,):
         return SHAPES
-    if _dropout_active(layer.vera_dropout[a]):
-        return DROPOUT
-    return None
+    p = _dropout_p(layer.vera_dropout[a])
+    if p is None:
+        return DROPOUT_TYPE
+    return _Adapter(A, B, 1.0, p, d=d, b=b)
 
 
-def _state_reason(layer: nn.Module, is_lora: bool) -> str | None:
-    """Why PEFT's forward must run for this layer in its present state (None: the engine may)."""
+def _adapters(layer: nn.Module, is_lora: bool) -> list[_Adapter] | str:
+    """The active adapters of ``layer`` PEFT's forward would apply now, or why PEFT must run."""
     if layer.disable_adapters:
         return DISABLED
     if layer.merged:
         return MERGED
-    active = layer.active_adapters
-    if len(active) != 1:
-        return NOT_ONE_ACTIVE
-    reason = _lora_reason(layer, active[0]) if is_lora else _vera_reason(layer, active[0])
-    if reason is not None:
-        return reason
-    module = nn.modules.module
-    if (
-        module._global_forward_hooks or module._global_forward_pre_hooks
-        or module._global_backward_hooks or module._global_backward_pre_hooks
-    ):
+    present = layer._modules["lora_A"]._modules if is_lora else layer.vera_lambda_d
+    active = [a for a in layer.active_adapters if a in present]  # PEFT skips the others
+    if not active:
+        return NO_ADAPTER
+    adapters = []
+    for a in active:
+        adapter = _lora_adapter(layer, a) if is_lora else _vera_adapter(layer, a)
+        if isinstance(adapter, str):
+            return adapter
+        adapters.append(adapter)
+    if any(ad.magnitude is not None for ad in adapters):
+        if len(adapters) > 1:
+            return DORA_SEVERAL
+        if adapters[0].p > 0:
+            return DORA_DROPOUT
+    if _global_hooks():
         return GLOBAL_HOOKS
-    return _base_reason(layer)
+    return _base_reason(layer._modules["base_layer"]) or adapters
+
+
+def _state_reason(layer: nn.Module, is_lora: bool) -> str | None:
+    """Why PEFT's forward must run for this layer in its present state (None: the engine may)."""
+    found = _adapters(layer, is_lora)
+    return found if isinstance(found, str) else None
 
 
 # --------------------------------------------------------------------------- the forward
@@ -236,75 +303,187 @@ def _projection_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return entry[2]
 
 
-def _engine_inputs(layer: nn.Module, is_lora: bool, x: torch.Tensor):
-    """``(weight, bias, A, B, d, b, scale)`` from PEFT's tensors for ``x``, or a reason string."""
-    base = layer.base_layer
-    weight = base.weight if type(base) is nn.Linear else base.weight.T  # Conv1D stores (in, out)
+# Row sums of W**2 of frozen base weights, for DoRA's weight norm: {weight: (version, data_ptr, sums)}.
+_ROW_SQUARES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _row_squares(weight: torch.Tensor) -> torch.Tensor:
+    """``(W * W).sum(1)`` in float32 (float64 for float64), cached while ``W`` is unchanged."""
+    key = weight.detach()
+    entry = None if torch.compiler.is_compiling() else _ROW_SQUARES.get(weight)
+    if entry is None or entry[0] != weight._version or entry[1] != weight.data_ptr():
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        sums = key.to(acc).square().sum(1)
+        if torch.compiler.is_compiling():
+            return sums
+        entry = _ROW_SQUARES[weight] = (weight._version, weight.data_ptr(), sums)
+    return entry[2]
+
+
+def _dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``||W + scale * B A||`` per output row (m,), detached, as PEFT's DoRA computes it (rounded to
+    ``dtype``), without forming ``W + scale * B A`` (m, n):
+
+        ||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s b_i . (W A^T)_i + s^2 b_i . (B (A A^T))_i
+
+    in float32: one (m, n, r) product and two of rank size, ``||w_i||^2`` cached per weight."""
+    with torch.no_grad():
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        A32, B32 = A.detach().to(dtype).to(acc), B.detach().to(dtype).to(acc)
+        cross = (B32 * (weight.detach().to(dtype).to(acc) @ A32.T)).sum(1)
+        square = (B32 * (B32 @ (A32 @ A32.T))).sum(1)
+        return (_row_squares(weight) + 2 * scale * cross + scale * scale * square).clamp_min(0).sqrt().to(dtype)
+
+
+class _DoraScale(torch.autograd.Function):
+    """``y = z * scale + bias`` per output column, in float32 and rounded once to ``z``'s dtype
+    (as PEFT's DoRA rounds its sum); saves ``z`` as it is (no float32 copy)."""
+
+    @staticmethod
+    def forward(ctx, z, scale, bias):
+        ctx.save_for_backward(z, scale)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = z.float() * scale
+        if bias is not None:
+            y = y + bias
+        return y.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, scale = ctx.saved_tensors
+        g32 = g.float()
+        grad_z = (g32 * scale).to(z.dtype) if ctx.needs_input_grad[0] else None
+        grad_scale = (g32 * z.float()).reshape(-1, z.shape[-1]).sum(0).to(scale.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g32.reshape(-1, z.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_z, grad_scale, grad_bias
+
+
+class _Call(NamedTuple):
+    """One engine call standing in for PEFT's forward (the arguments of :func:`lowrank_linear`,
+    then DoRA's output scale and the bias added after it)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    d: torch.Tensor | None
+    b: torch.Tensor | None
+    scale: float
+    dropout: list[float]
+    ranks: list[int]
+    dora_scale: torch.Tensor | None = None
+    dora_bias: torch.Tensor | None = None
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.d, self.b, self.scale,
+                           dropout=self.dropout, rank_segments=self.ranks)
+        if self.dora_scale is None:
+            return y
+        return _DoraScale.apply(y, self.dora_scale, self.dora_bias)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _engine_call(layer: nn.Module, is_lora: bool, adapters: list[_Adapter], x: torch.Tensor) -> _Call | str:
+    """The engine call for ``x`` from PEFT's tensors, or why PEFT must run.
+
+    One adapter maps as the module docstring says. Several adapters (PEFT sums their paths)
+    concatenate their ranks: LoRA's scales ride on the rank vector ``d``, VeRA's ``lambda_b``
+    folds into its ``B`` columns; each keeps its own dropout mask (one rank segment each).
+    ``lora_bias`` adds ``scale * lora_B.bias`` to the bias. DoRA computes
+    ``(m / ||W + s B A||) * (x W^T + s B A x + s lora_B.bias) + bias`` (norm detached, as PEFT)."""
+    base = layer._modules["base_layer"]
+    weight = base._parameters["weight"]
+    if type(base) is not nn.Linear:
+        weight = weight.T  # Conv1D stores (in, out)
+    bias = base._parameters.get("bias")
     compute = autocast_dtype(x)  # None outside autocast: then the op wants x's dtype throughout
+    dtype = compute or x.dtype
     if weight.device != x.device:
         return DEVICE
     if compute is None and x.dtype != weight.dtype:
         return DTYPE
-    a = layer.active_adapters[0]
-    if is_lora:
-        A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
-        d = b = None
-        scale = float(layer.scaling[a])
-        if not getattr(layer, "cast_input_dtype_enabled", True) and A.dtype != x.dtype:
-            return NO_CAST
-    else:
-        A, B = layer.vera_A[a], layer.vera_B[a]
-        d, b = layer.vera_lambda_d[a], layer.vera_lambda_b[a]
-        scale = 1.0
-    if any(t is not None and t.device != x.device for t in (base.bias, A, B, d, b)):
-        return DEVICE
+    for ad in adapters:
+        if any(t is not None and t.device != x.device for t in (bias, ad.A, ad.B, ad.d, ad.b, ad.bias)):
+            return DEVICE
+    if is_lora and not getattr(layer, "cast_input_dtype_enabled", True) and adapters[0].A.dtype != x.dtype:
+        return NO_CAST
     if not is_lora:  # sliced as PEFT slices them, after the (cached) cast to the compute dtype
-        A = _projection_as(A, compute or x.dtype)[:, : layer.in_features]
-        B = _projection_as(B, compute or x.dtype)[: layer.out_features, :]
-    if compute is None:
-        if A.dtype != x.dtype:
-            A = A.to(x.dtype)
-        if B.dtype != x.dtype:
-            B = B.to(x.dtype)
-        if d is not None and d.dtype not in (x.dtype, torch.float32):
-            d = d.float()
-        if b is not None and b.dtype not in (x.dtype, torch.float32):
-            b = b.float()
-    return weight, base.bias, A, B, d, b, scale
+        n, m = layer.in_features, layer.out_features
+        adapters = [ad._replace(A=_projection_as(ad.A, dtype)[:, :n], B=_projection_as(ad.B, dtype)[:m, :]) for ad in adapters]
+    if compute is None:  # outside autocast the op wants x's dtype for A and B (cast per call: grads flow)
+        adapters = [ad._replace(A=_cast(ad.A, x.dtype), B=_cast(ad.B, x.dtype)) for ad in adapters]
+    vec_dtype = torch.float32 if x.dtype != torch.float64 else torch.float64
+    lora_biases = [(ad.scale, ad.bias) for ad in adapters if ad.bias is not None]
+    if lora_biases:
+        extra = sum(s * _cast(t, dtype) for s, t in lora_biases)
+    if len(adapters) == 1:
+        ad = adapters[0]
+        d = b = None
+        if not is_lora:
+            d, b = ad.d, ad.b
+            if compute is None:
+                d = d if d.dtype in (x.dtype, torch.float32) else d.float()
+                b = b if b.dtype in (x.dtype, torch.float32) else b.float()
+        if ad.magnitude is not None:  # DoRA
+            norm = _dora_norm(weight, ad.A, ad.B, ad.scale, dtype)
+            return _Call(weight, extra if lora_biases else None, ad.A, ad.B, None, None, ad.scale, [ad.p], [ad.A.shape[0]],
+                         dora_scale=ad.magnitude / norm, dora_bias=bias)
+        if lora_biases:
+            bias = extra if bias is None else bias + extra
+        return _Call(weight, bias, ad.A, ad.B, d, b, ad.scale, [ad.p], [ad.A.shape[0]])
+    A = torch.cat([ad.A for ad in adapters])
+    if is_lora:
+        B = torch.cat([ad.B for ad in adapters], 1)
+        d = torch.cat([torch.full((ad.A.shape[0],), ad.scale, device=x.device, dtype=vec_dtype) for ad in adapters])
+    else:
+        B = torch.cat([(ad.b.to(vec_dtype)[:, None] * ad.B).to(ad.B.dtype) for ad in adapters], 1)
+        d = torch.cat([ad.d.to(vec_dtype) for ad in adapters])
+    if lora_biases:
+        bias = extra if bias is None else bias + extra
+    return _Call(weight, bias, A, B, d, None, 1.0, [ad.p for ad in adapters], [ad.A.shape[0] for ad in adapters])
 
 
-def _blocked(layer: nn.Module, is_lora: bool, x, args, kwargs):
-    """Why this call runs PEFT's forward, or the engine's inputs."""
+def _plan(layer: nn.Module, is_lora: bool, x, args, kwargs) -> _Call | str:
+    """Why this call runs PEFT's forward, or the engine call that replaces it."""
     if args or kwargs:
         return EXTRA_ARGS
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         return X_TYPE
     try:  # a PEFT whose layers hold their tensors differently makes PEFT's forward run, not an error
-        reason = _state_reason(layer, is_lora)
-        return reason if reason is not None else _engine_inputs(layer, is_lora, x)
+        adapters = _adapters(layer, is_lora)
+        return adapters if isinstance(adapters, str) else _engine_call(layer, is_lora, adapters, x)
     except (AttributeError, KeyError):
         return UNKNOWN
 
 
-def _peft_forward(layer: nn.Module):
-    """PEFT's own forward of ``layer``, bound."""
-    return type(layer).forward.__get__(layer)
+# What the last call of each accelerated layer ran: "fused (<path>)" or PEFT's reason (the report).
+_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward(self, is_lora: bool, x, *args, **kwargs):
+    plan = _plan(self, is_lora, x, args, kwargs)
+    compiling = torch.compiler.is_compiling()
+    if isinstance(plan, str):
+        if not compiling:
+            _LAST[self] = plan
+        return type(self).forward(self, x, *args, **kwargs)
+    y = plan.run(x)
+    if not compiling:
+        _LAST[self] = f"fused ({last_path()})"
+    return y if is_lora else y.to(x.dtype)  # PEFT's VeRA returns x's dtype
 
 
 def _lora_forward(self, x, *args, **kwargs):
     """Instance forward of an accelerated PEFT LoRA layer."""
-    inputs = _blocked(self, True, x, args, kwargs)
-    if isinstance(inputs, str):
-        return _peft_forward(self)(x, *args, **kwargs)
-    return lowrank_linear(x, *inputs)
+    return _forward(self, True, x, *args, **kwargs)
 
 
 def _vera_forward(self, x, *args, **kwargs):
-    """Instance forward of an accelerated PEFT VeRA layer (PEFT's returns ``x``'s dtype)."""
-    inputs = _blocked(self, False, x, args, kwargs)
-    if isinstance(inputs, str):
-        return _peft_forward(self)(x, *args, **kwargs)
-    return lowrank_linear(x, *inputs).to(x.dtype)
+    """Instance forward of an accelerated PEFT VeRA layer."""
+    return _forward(self, False, x, *args, **kwargs)
 
 
 _FORWARDS = (_lora_forward, _vera_forward)
@@ -334,16 +513,21 @@ def _foreign_forward(layer: nn.Module) -> bool:
 @dataclass
 class AccelerationReport:
     """What :func:`accelerate` did: ``fused`` the layers whose forward runs the engine in their
-    present state, ``fallback`` the PEFT layers that run PEFT's forward, each with the reason.
+    present state, ``fallback`` the PEFT layers that run PEFT's forward, each with the reason, and
+    ``last`` what each accelerated layer's last call actually ran (``"fused (<path>)"`` or PEFT's
+    forward with the reason; ``"not called yet"``).
 
     Eligibility is checked again at every call, so a layer listed as fused runs PEFT's forward
-    while, say, ``disable_adapter()`` is active; :func:`acceleration_report` re-reads the state.
+    while, say, ``disable_adapter()`` is active, and one listed under ``fallback`` because its
+    weight is sharded runs fused when FSDP2 has unsharded it for the call: ``last`` tells.
+    :func:`acceleration_report` re-reads the state and the last calls.
     """
 
     enabled: bool
     fused: list[str] = field(default_factory=list)
     fallback: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
+    last: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         title = "pefttriton.accelerate: " + (
@@ -359,10 +543,16 @@ class AccelerationReport:
         kind_width = max(4, *(len(r[1]) for r in rows))
         lines = [title, f"{'layer':<{width}}  {'kind':<{kind_width}}  runs   why not fused"]
         lines += [f"{n:<{width}}  {k:<{kind_width}}  {s:<5}  {w}".rstrip() for n, k, s, w in rows]
+        if self.last:
+            lines += ["", f"{'layer':<{width}}  last call"]
+            lines += [f"{n:<{width}}  {what}" for n, what in self.last.items()]
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle) -> None:  # IPython / notebooks print the table
         p.text(str(self))
+
+
+SHARDED = "base weight is sharded (FSDP2 unshards it for each call, which then runs fused: see the last call)"
 
 
 def _kind(layer: nn.Module) -> str:
@@ -400,10 +590,13 @@ def acceleration_report(model: nn.Module) -> AccelerationReport:
                 reason = _state_reason(layer, is_lora)
             except (AttributeError, KeyError):
                 reason = UNKNOWN
+            if reason == WEIGHT_TYPE and type(layer.base_layer.weight).__name__ == "DTensor":
+                reason = SHARDED
             if reason is None:
                 report.fused.append(name)
             else:
                 report.fallback[name] = reason
+            report.last[name] = _LAST.get(layer, "not called yet")
     return report
 
 
