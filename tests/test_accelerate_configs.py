@@ -49,8 +49,8 @@ class FixedMask(nn.Module):
 class Recorder:
     """The order of the accelerated PEFT layers' calls and the dropout seeds each drew."""
 
-    def __init__(self, model, monkeypatch):
-        self.calls, self.seeds = [], []
+    def __init__(self, model, monkeypatch, dtype=torch.float32):
+        self.calls, self.seeds, self.dtype = [], [], dtype
         real = engine._draw_seeds
 
         def draw(count, device):
@@ -73,7 +73,7 @@ class Recorder:
             probs = [probs_of(layer, a) for a in active]
             ranks = [(layer.lora_A[a].weight.shape[0] if is_lora else layer.vera_lambda_d[a].shape[0]) for a in active]
             rows, cols = shape[:-1].numel(), shape[-1]
-            masks = engine.dropout_masks(pefttriton.last_path(), seeds, probs, ranks, rows, cols)
+            masks = engine.dropout_masks(pefttriton.last_path(), seeds, probs, ranks, rows, cols, self.dtype)
             drops = layer.lora_dropout if is_lora else layer.vera_dropout
             for a, mask, p in zip(active, masks, probs):
                 if mask is not None:

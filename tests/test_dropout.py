@@ -86,7 +86,7 @@ def test_forward_and_every_gradient_with_the_drawn_masks(gen, seeds_drawn, dtype
     g = torch.randn(y.shape, generator=gen, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(y, [t[k] for k in trains], g)
     (seeds,) = seeds_drawn
-    masks = engine.dropout_masks(path, seeds, probs, ranks, N, n)
+    masks = engine.dropout_masks(path, seeds, probs, ranks, N, n, dtype)
     for mask, p in zip(masks, probs):
         assert (mask is None) == (p == 0)
     y_ref, ref = _reference(t, scale, masks, probs, ranks)
@@ -111,7 +111,7 @@ def test_masks_agree_between_the_kernels_and_have_the_right_rate():
     both = (keep & other).float().mean().item()  # independent masks: P(both kept) = (1 - p)^2
     assert abs(both - (1 - p) ** 2) < 4 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / keep.numel()) ** 0.5
     # the torch path's mask: the same rate, from a seeded generator
-    torch_keep = engine._Drop(torch.tensor([7]), [p], [1]).keep(0, (rows, cols), torch.device("cpu"))
+    torch_keep = engine._Drop(torch.tensor([7]), [p], [1]).keep(0, (rows, cols), torch.device("cpu"), torch.float32)
     assert abs(torch_keep.float().mean().item() - (1 - p)) < 4 * sigma
     # small tensors: the three sites of the kernels apply the same mask
     gen = torch.Generator(device=DEVICE).manual_seed(0)

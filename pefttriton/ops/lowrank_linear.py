@@ -139,26 +139,37 @@ class _Drop:
             bounds.append(bounds[-1] + r)
         self.parts = [(lo, hi, p, i) for i, (lo, hi, p) in enumerate(zip(bounds, bounds[1:], probs))]
         self._host_seeds = None
+        self._masks = {}
 
     def kernel(self, i: int, cols: int) -> "kernels.Dropout | None":
         """The Triton kernels' dropout of segment ``i`` of an input with ``cols`` columns (None: p = 0)."""
         p = self.parts[i][2]
         return kernels.Dropout(self.seeds[i : i + 1], p, cols) if p > 0 else None
 
-    def keep(self, i: int, shape, device) -> Tensor:
-        """The PyTorch paths' mask of segment ``i`` (True: kept), drawn from its seed."""
-        if self._host_seeds is None:
-            self._host_seeds = self.seeds.tolist()
-        generator = torch.Generator(device=device).manual_seed(self._host_seeds[i])
-        return torch.empty(shape, device=device, dtype=torch.bool).bernoulli_(1.0 - self.parts[i][2], generator=generator)
+    def keep(self, i: int, shape, device, dtype) -> Tensor:
+        """The PyTorch paths' mask of segment ``i`` (True: kept) for an input of ``dtype``."""
+        return self.scaled_mask(i, shape, device, dtype) != 0
+
+    def scaled_mask(self, i: int, shape, device, dtype) -> Tensor:
+        """The PyTorch paths' mask of segment ``i`` as ``dtype`` numbers, ``1 / (1 - p)`` where kept
+        and 0 where dropped (nn.Dropout's factor), drawn from its seed; drawn once per ``_Drop``
+        (forward and backward each make their own) and then reused: backward reads it twice."""
+        key = (i, tuple(shape), dtype)
+        if key not in self._masks:
+            if self._host_seeds is None:
+                self._host_seeds = self.seeds.tolist()
+            p = self.parts[i][2]
+            generator = torch.Generator(device=device).manual_seed(self._host_seeds[i])
+            mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+            self._masks[key] = mask.mul_(1.0 / (1.0 - p))
+        return self._masks[key]
 
     def dropped(self, x: Tensor, i: int) -> Tensor:
         """``drop(x)`` for segment ``i`` in ``x``'s dtype (``x`` itself where p = 0), as nn.Dropout
         computes it: kept elements scaled by ``1 / (1 - p)``."""
-        p = self.parts[i][2]
-        if p == 0:
+        if self.parts[i][2] == 0:
             return x
-        return torch.where(self.keep(i, x.shape, x.device), x * (1.0 / (1.0 - p)), 0).to(x.dtype)
+        return x * self.scaled_mask(i, x.shape, x.device, x.dtype)
 
 
 def _make_drop(seeds: Tensor | None, probs: list[float], ranks: list[int]) -> _Drop | None:
@@ -190,8 +201,7 @@ def _lowrank_grad_x(base: Tensor, gh: Tensor, A: Tensor, drop: _Drop | None, tri
         elif p == 0:
             base.addmm_(_as(gh[:, lo:hi], base.dtype), A[lo:hi])
         else:
-            part = _as(gh[:, lo:hi], base.dtype) @ A[lo:hi]
-            base += torch.where(drop.keep(i, base.shape, base.device), part * (1.0 / (1.0 - p)), 0).to(base.dtype)
+            base.addcmul_(_as(gh[:, lo:hi], base.dtype) @ A[lo:hi], drop.scaled_mask(i, base.shape, base.device, base.dtype))
     return base
 
 
@@ -697,10 +707,10 @@ def lowrank_linear(
 
 
 def dropout_masks(path: str, seeds: Tensor, dropout: Sequence[float], rank_segments: Sequence[int],
-                  rows: int, cols: int) -> list[Tensor | None]:
-    """The keep masks (rows, cols), True where kept, that a call on ``path`` draws for its rank
-    segments from ``seeds`` (None for a segment with p = 0). The op never stores them; tests and
-    debugging rebuild them here, with the seeds a call drew."""
+                  rows: int, cols: int, dtype: torch.dtype = torch.float32) -> list[Tensor | None]:
+    """The keep masks (rows, cols), True where kept, that a call on ``path`` with an input of
+    ``dtype`` draws for its rank segments from ``seeds`` (None for a segment with p = 0). The op
+    never stores them; tests and debugging rebuild them here, with the seeds a call drew."""
     drop = _Drop(seeds, list(dropout), list(rank_segments))
     masks = []
     for _, _, p, i in drop.parts:
@@ -709,7 +719,7 @@ def dropout_masks(path: str, seeds: Tensor, dropout: Sequence[float], rank_segme
         elif uses_triton(path):
             masks.append(kernels.dropout_keep(drop.kernel(i, cols), rows))
         else:
-            masks.append(drop.keep(i, (rows, cols), seeds.device))
+            masks.append(drop.keep(i, (rows, cols), seeds.device, dtype))
     return masks
 
 
