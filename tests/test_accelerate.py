@@ -214,7 +214,9 @@ def test_in_place_state_unchanged_and_restored(gen, engine_calls):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     for name, module in model.named_modules():  # only the adapted layers gained one attribute: forward
         added = set(module.__dict__) - attrs[name]
-        assert added == ({"forward"} if name in report.fused else set()), name
+        # the PeftModel itself: forward and generate, which hand adapter_names= to VeRA layers
+        expected = {"forward"} if name in report.fused else {"forward", "generate"} if name == "" else set()
+        assert added == expected, name
     with torch.no_grad():
         assert rel_err(model_output(model, ids), y_peft) < 1e-5
     assert len(engine_calls) == 4
@@ -437,8 +439,8 @@ def test_vera_saved_bytes(dtype, r, n, m, gen):
 
 def test_torch_compile(gen):
     """An accelerated PEFT model under ``torch.compile``: one graph (fullgraph=True passes too),
-    the engine's forward and backward ops inside, outputs and gradients bitwise PEFT-accelerated
-    eager's (aot_eager) and within 1e-5 / 1e-4 of PEFT's."""
+    the engine's forward and backward ops inside, outputs bitwise and gradients within 1e-6 of
+    PEFT-accelerated eager's (aot_eager), and within 1e-5 / 1e-4 of PEFT's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -465,7 +467,9 @@ def test_torch_compile(gen):
     assert torch.equal(outs[0], outs[1]) and rel_err(outs[0], outs[2]) < 1e-5
     grads = [_trainable_grads(m) for m in (model, eager, reference)]
     for name in grads[2]:
-        assert torch.equal(grads[0][name], grads[1][name]) and rel_err(grads[0][name], grads[2][name]) < 1e-4
+        # eager runs the engine's autograd.Function, the graph its custom ops (the same computation;
+        # the two backward graphs may sum the gradient of a shared input in another order)
+        assert rel_err(grads[0][name], grads[1][name]) < 1e-6 and rel_err(grads[0][name], grads[2][name]) < 1e-4
     count = lambda kind, op: sum(node.target is op for gm in graphs[kind] for node in gm.graph.nodes)
     assert len(graphs["forward"]) == 1
     assert count("forward", torch.ops.pefttriton.lowrank_linear_fwd.default) == 4

@@ -309,3 +309,55 @@ def test_saved_bytes_with_dropout_against_peft(gen):
         accelerate(model)
         ratios[name] = _saved_bytes(model, ids) / peft_bytes
     assert ratios["lora"] <= 0.65 and ratios["vera"] <= 0.70 and ratios["dora"] <= 1.0, ratios
+
+
+def test_vera_mixed_batch_every_row_through_its_own_adapter(gen):
+    """PEFT VeRA with two adapters, ``adapter_names=`` one per sequence: every row equals PEFT run
+    with that adapter alone ("__base__": the base model), by the VeRA bank kernel; PEFT 0.21
+    itself gives every row the active adapter's output (which this deliberately differs from).
+    generate with beams repeats each sequence's adapter over its beams."""
+    model = _peft(tiny_llama(), VeraConfig(r=6, target_modules=["q_proj", "v_proj", "down_proj"], d_initial=0.3))
+    model.add_adapter("other", VeraConfig(r=6, target_modules=["q_proj", "v_proj", "down_proj"], d_initial=0.5))
+    randomize_adapters(model, gen, 0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambda" in name and ".other" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    reference = copy.deepcopy(model).eval()
+    model.eval()
+    report = accelerate(model)
+    assert report.fused
+    ids = token_ids(gen, batch=3)
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        y = model(input_ids=ids, adapter_names=names).logits
+        per_row = []
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with reference.disable_adapter():
+                    per_row.append(reference(input_ids=ids[row:row + 1]).logits)
+            else:
+                reference.set_adapter(name)
+                per_row.append(reference(input_ids=ids[row:row + 1]).logits)
+        want = torch.cat(per_row)
+        assert rel_err(y, want) < 1e-5
+        peft_mixed = reference(input_ids=ids, adapter_names=names).logits
+        assert rel_err(peft_mixed, want) > 1e-2  # PEFT's own answer is not per row
+    assert set(acceleration_report(model).last.values()) == {"fused mixed batch (VeRA bank kernel)"}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, num_beams=2, do_sample=False)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with reference.disable_adapter():
+                    alone = reference.generate(input_ids=ids[row:row + 1], max_new_tokens=3, num_beams=2, do_sample=False)
+            else:
+                reference.set_adapter(name)
+                alone = reference.generate(input_ids=ids[row:row + 1], max_new_tokens=3, num_beams=2, do_sample=False)
+            assert torch.equal(out[row], alone[0])
+    with pytest.raises(ValueError, match="does not have"):
+        model(input_ids=ids, adapter_names=["nope"] * 3)
+    model.train()
+    with pytest.raises(ValueError, match="for inference"):
+        model(input_ids=ids, adapter_names=names)
+    accelerate(model, enabled=False)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__

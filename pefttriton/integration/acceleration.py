@@ -66,6 +66,7 @@ replace the PEFT layers by their base layers, which drops the instance forward w
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import weakref
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pefttriton.ops import lowrank_linear
 from pefttriton.ops.backend import last_path
+from pefttriton.ops.vera_bank import broadcast_sequence_ids, vera_bank_linear
 from pefttriton.ops.validation import FLOAT_DTYPES, autocast_dtype
 
 # --------------------------------------------------------------------------- PEFT's classes
@@ -459,13 +461,97 @@ def _plan(layer: nn.Module, is_lora: bool, x, args, kwargs) -> _Call | str:
         return UNKNOWN
 
 
+# --------------------------------------------------------------------------- VeRA mixed batches
+
+# The adapter names of a mixed batch (one per sequence) while an accelerated PEFT VeRA model runs
+# ``forward`` / ``generate`` with ``adapter_names=``; None otherwise.
+_MIXED: contextvars.ContextVar[list | None] = contextvars.ContextVar("pefttriton_vera_mixed", default=None)
+MIXED_VERA = ("mixed batch (adapter_names=): every row through its own adapter by the VeRA bank kernel "
+              "(PEFT 0.21 gives every row the active adapter's output)")
+# Projections already compared equal across a layer's adapters: {(id A, version A, id B, version B) ...}.
+_SAME_PROJECTIONS: set = set()
+
+
+def _vera_mixed(layer: nn.Module, x: torch.Tensor, names: list) -> torch.Tensor | str:
+    """The mixed batch through :func:`~pefttriton.ops.vera_bank.vera_bank_linear`: the layer's
+    adapters stacked as a bank, each row's id from its sequence's name (``"__base__"`` or an
+    adapter this layer lacks: the base layer alone), or why PEFT must run."""
+    if layer.disable_adapters:
+        return DISABLED
+    if layer.merged:
+        return MERGED
+    base = layer._modules["base_layer"]
+    reason = _base_reason(base)
+    if reason is not None:
+        return reason
+    adapters = list(layer.vera_lambda_d.keys())
+    ranks = {layer.vera_lambda_d[a].shape[0] for a in adapters}
+    if len(ranks) != 1:
+        raise ValueError(f"a mixed batch needs the VeRA adapters of a layer to share one rank, got ranks {sorted(ranks)}")
+    A0, B0 = layer.vera_A[adapters[0]], layer.vera_B[adapters[0]]
+    for a in adapters[1:]:
+        A, B = layer.vera_A[a], layer.vera_B[a]
+        key = (id(A0), A0._version, id(A), A._version, id(B0), B0._version, id(B), B._version)
+        if key not in _SAME_PROJECTIONS:
+            if not (torch.equal(A, A0) and torch.equal(B, B0)):
+                raise ValueError(f"a mixed batch needs VeRA adapters that share the projections (the same "
+                                 f"projection_prng_key): {adapters[0]!r} and {a!r} differ")
+            _SAME_PROJECTIONS.add(key)
+    index = {a: i for i, a in enumerate(adapters)}
+    ids = torch.tensor([index.get(name, -1) for name in names], device=x.device)
+    weight = base._parameters["weight"] if type(base) is nn.Linear else base._parameters["weight"].T
+    dtype = autocast_dtype(x) or x.dtype
+    A = _projection_as(A0, dtype)[:, : layer.in_features]
+    B = _projection_as(B0, dtype)[: layer.out_features, :]
+    lambda_d = torch.stack([layer.vera_lambda_d[a] for a in adapters])
+    lambda_b = torch.stack([layer.vera_lambda_b[a] for a in adapters])
+    y = vera_bank_linear(x, weight, base._parameters.get("bias"), A, B, lambda_d, lambda_b, broadcast_sequence_ids(ids, x))
+    return y.to(x.dtype)
+
+
+def _peft_model_forward(self, *args, **kwargs):
+    """Instance ``forward`` of an accelerated PEFT VeRA model: ``adapter_names=`` reaches its layers."""
+    return _with_names(self, type(self).forward, args, kwargs)
+
+
+def _peft_model_generate(self, *args, **kwargs):
+    """Instance ``generate`` of an accelerated PEFT VeRA model: ``adapter_names=`` reaches its layers."""
+    return _with_names(self, type(self).generate, args, kwargs)
+
+
+def _with_names(model, method, args, kwargs):
+    names = kwargs.get("adapter_names")
+    if names is None:
+        return method(model, *args, **kwargs)
+    if model.training:
+        raise ValueError("adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires")
+    known = set(model.peft_config) | {"__base__"}
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        raise ValueError(f"adapter_names holds adapters the model does not have: {unknown}; it has {sorted(model.peft_config)}")
+    token = _MIXED.set(list(names))
+    try:
+        return method(model, *args, **kwargs)
+    finally:
+        _MIXED.reset(token)
+
+
 # What the last call of each accelerated layer ran: "fused (<path>)" or PEFT's reason (the report).
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forward(self, is_lora: bool, x, *args, **kwargs):
-    plan = _plan(self, is_lora, x, args, kwargs)
     compiling = torch.compiler.is_compiling()
+    names = None if is_lora or compiling else _MIXED.get()  # (a context variable would break the graph)
+    if names is not None and not args and not kwargs and isinstance(x, torch.Tensor):
+        y = _vera_mixed(self, x, names)
+        if not isinstance(y, str):
+            if not compiling:
+                _LAST[self] = "fused mixed batch (VeRA bank kernel)"
+            return y
+        _LAST[self] = y
+        return type(self).forward(self, x, *args, **kwargs)
+    plan = _plan(self, is_lora, x, args, kwargs)
     if isinstance(plan, str):
         if not compiling:
             _LAST[self] = plan
@@ -619,13 +705,23 @@ def accelerate(model: nn.Module, enabled: bool = True) -> AccelerationReport:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    vera = False
     for _, layer, is_lora in _walk(model):
         if is_lora is None:
             continue
+        vera = vera or not is_lora
         if enabled and not _installed(layer) and not _foreign_forward(layer):
             layer.forward = functools.partial(_lora_forward if is_lora else _vera_forward, layer)
         elif not enabled and _installed(layer):
             del layer.__dict__["forward"]
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # a PeftModel: mixed VeRA batches
+        for attr, wrapper in (("forward", _peft_model_forward), ("generate", _peft_model_generate)):
+            current = model.__dict__.get(attr)
+            ours = isinstance(current, functools.partial) and current.func is wrapper
+            if enabled and vera and current is None:
+                setattr(model, attr, functools.partial(wrapper, model))
+            elif not enabled and ours:
+                del model.__dict__[attr]
     return acceleration_report(model)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from pefttriton.adapters.config import VeRAConfig
 from pefttriton.ops.validation import check_base_and_rank
 from pefttriton.ops.vera_bank import (
+    broadcast_sequence_ids,
     _vera_bank_in_range,
     adapter_id_range,
     check_adapter_ids,
@@ -300,7 +301,7 @@ class VeRABank(nn.Module):
             ids, id_range, names = entry  # checked against this bank's adapters when the block began
             if names is not self._names:  # adapters added or removed since then
                 self._check_block_ids(ids, names)
-            ids = _broadcast_context_ids(ids.to(x.device), x)
+            ids = broadcast_sequence_ids(ids.to(x.device), x)
         else:
             ids = self.ids_tensor(adapter_ids)
         if self.num_slots == 0:
@@ -353,17 +354,6 @@ def _decode_names(state) -> list | None:
     except (AttributeError, TypeError, ValueError):
         return None
     return names if isinstance(names, list) else None
-
-
-def _broadcast_context_ids(ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Ids set for a batch of ``len(ids)`` sequences, for a batch ``k`` times larger (``generate``
-    with beam search or several return sequences repeats each input row ``k`` times in a row)."""
-    lead = x.shape[:-1]
-    if ids.dim() != 1 or len(lead) < 1 or ids.numel() in (0, lead[0], lead.numel()):
-        return ids
-    if lead[0] % ids.numel() == 0:
-        return ids.repeat_interleave(lead[0] // ids.numel())
-    return ids
 
 
 # ------------------------------------------------------------------------------ model level

@@ -287,6 +287,17 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def broadcast_sequence_ids(ids: Tensor, x: Tensor) -> Tensor:
+    """Ids set for a batch of ``len(ids)`` sequences, for a batch ``k`` times larger (``generate``
+    with beam search or several return sequences repeats each input row ``k`` times in a row)."""
+    lead = x.shape[:-1]
+    if ids.dim() != 1 or len(lead) < 1 or ids.numel() in (0, lead[0], lead.numel()):
+        return ids
+    if lead[0] % ids.numel() == 0:
+        return ids.repeat_interleave(lead[0] // ids.numel())
+    return ids
+
+
 def vera_bank_linear(
     x: Tensor,
     weight: Tensor,
