@@ -13,6 +13,13 @@ saved-memory ratio; auto against the fastest strategy), and writes into the resu
   ratios fused / unfused and auto / best with their noise as error bars;
 * ``roofline-<device>.md``: flops and minimum bytes moved per op, fused vs unfused.
 
+Then, per call (:mod:`bench.per_call`, ``--per-call``): ``pefttriton.accelerate`` on one PEFT
+layer against the same layer plain, fp32: the overhead per call on a tiny layer (microseconds) and
+accelerated / PEFT on the single layers of issue 23. The console ends with the machine's load
+average. The exit status is 1 when something requested could not be measured (an implementation
+failing on a shape, a baseline that cannot be imported, the per-call rows), and the last lines say
+why; an adapter of pefttriton's registry that does not build is reported and skipped.
+
 ``--readme README.md`` then renders the README's figures from the JSON (:mod:`bench.readme`).
 Installed, the same job is ``python -m pefttriton.bench``. This module is the command line;
 :mod:`bench.run` measures and :mod:`bench.report` reports.
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import cases, readme, report, run, vera_bank
+from . import cases, per_call, readme, report, run, vera_bank
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--impls", help=f"comma-separated subset of: {', '.join(cases.IMPLS)}")
     p.add_argument("--rounds", type=int, help="timing rounds per implementation (default 11 on CPU, 10 on GPU)")
     p.add_argument("--min-seconds", type=float, help="minimum length of one timing sample")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway when stderr is not a terminal)")
+    p.add_argument("--per-call", default=per_call.DEFAULT_SPEC, metavar="CASES",
+                   help="single layers timed accelerated vs plain PEFT, comma-separated family:r:INxOUT:tokens "
+                        f"(default {per_call.DEFAULT_SPEC}), with the overhead per call on a tiny layer; "
+                        "'none': no per-call rows")
     p.add_argument("--vera-bank", action="store_true",
                    help="also time a batch mixing 64 VeRA adapters against one adapter and PEFT (bench/vera_bank.py)")
     p.add_argument("--readme", metavar="README.md",
@@ -63,7 +75,7 @@ def _load_average() -> float | None:
         return None
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the job; returns 0, or 1 when an available implementation failed on some shape."""
+    """Runs the job; returns 0, or 1 when something requested could not be measured (see the module)."""
     args = parse_args(argv)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in cases.IMPLS]
     if unknown:
         raise SystemExit(f"unknown --impls {unknown}; choose from {list(cases.IMPLS)}")
+    try:
+        per_call_cases = per_call.parse(args.per_call)
+    except ValueError as exc:
+        raise SystemExit(f"--per-call: {exc}") from None
     rounds = args.rounds or (10 if device.type == "cuda" else 11)
     min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if device.type == "cuda" else 0.02)
 
@@ -107,22 +123,29 @@ def main(argv: list[str] | None = None) -> int:
 
     entries = {dt: run.entries(suite, available, device, dt) for dt in suite.dtypes}
     groups = [(dt, n, m, N) for dt in suite.dtypes for (n, m) in suite.layers for N in suite.tokens]
-    bar = run.progress(sum(len(entries[g[0]]) + rounds for g in groups), not args.no_progress, f"bench {device.type}")
+    want_calls = args.per_call.strip() != "none"
+    per_call_rounds = (len(per_call.OVERHEAD) + len(per_call_cases)) * rounds if want_calls else 0
+    bar = run.progress(sum(len(entries[g[0]]) + rounds for g in groups) + per_call_rounds, not args.no_progress,
+                       f"bench {device.type}")
     load_start = _load_average()
     records: list[dict] = []
+    calls = None
     try:
         for dt, n, m, N in groups:
             records += run.measure_group(device, dt, n, m, N, entries[dt], rounds, min_seconds, bar)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if want_calls:
+            calls = per_call.measure_all(per_call_cases, device, rounds, min_seconds, bar)
     finally:
         bar.close()
     # The 1-minute load average before and after: other work on a shared machine disturbs CPU timings.
     run_meta = {"versions": run.versions(), "torch_threads": torch.get_num_threads(), "rounds": rounds,
-                "min_seconds": min_seconds, "load_average": [load_start, _load_average()]}
+                "min_seconds": min_seconds, "load_average": [load_start, _load_average()],
+                "cpu_count": os.cpu_count()}
     out = Path(args.out)
     code = report.write(out, device, dev_name, kind, list(sys.argv[1:] if argv is None else argv), run_meta, suite,
-                        unavailable, records)
+                        unavailable, records, per_call=calls, requested=names)
     if args.vera_bank:
         (n, m), N, r = suite.layers[0], max(suite.tokens), suite.ranks["vera"][0]
         record = vera_bank.measure_vera_bank(device, suite.dtypes[0], N, n, m, r, rounds=rounds,

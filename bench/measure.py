@@ -175,6 +175,30 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (all three equal for one value)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def per_round(a: list[float], b: list[float], op: Callable[[float, float], float]) -> list[float]:
+    """``op(a[i], b[i])`` for each round ``i`` of two interleaved timings of
+    :func:`time_interleaved` (sample ``i`` of each was taken in round ``i``, so the drift of the
+    machine hits both alike)."""
+    if len(a) != len(b):
+        raise ValueError(f"timings of different rounds: {len(a)} and {len(b)} samples")
+    return [op(x, y) for x, y in zip(a, b)]
+
+
+def round_ratios(a: list[float], b: list[float]) -> dict:
+    """``a / b`` per round: median, first and third quartiles and ``spread`` (half the
+    interquartile range). Every ratio of positive times is positive, so is every quartile."""
+    q1, med, q3 = quartiles(per_round(a, b, lambda x, y: x / y))
+    return {"median": med, "q1": q1, "q3": q3, "spread": (q3 - q1) / 2}
+
+
 def relative_spread(values: list[float]) -> float:
     """Half the interquartile range over the median: the noise of a timing, as a fraction."""
     if len(values) < 2:

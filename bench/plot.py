@@ -1,7 +1,12 @@
 """The main job's figure, one row per (dtype, layer shape), against tokens: step time and bytes saved
 for backward of every implementation (fused adapters once per strategy), the step-time ratio
-fused (auto) / unfused, and auto's step time over the best strategy's; ratios with their noise
-(half the interquartile ranges, combined) as error bars."""
+fused (auto) / unfused, and auto's step time over the best strategy's.
+
+Ratios sit on log axes, each point the median of the per-round ratios (the two timings of a round
+were taken one after the other) with error bars from their first to their third quartile: a
+ratio of positive times is positive, so no bar reaches 0, however noisy the run. Rows without
+per-round figures fall back to the median ratio with its noise as a factor (ratio / (1 + s),
+ratio * (1 + s), s the relative half-IQR), positive too."""
 
 from pathlib import Path
 
@@ -35,6 +40,37 @@ def _style(rec: dict) -> dict:
     return {"linewidth": 1.6, **style, "color": COLORS.get(rec["family"], "black"), "markersize": 5}
 
 
+def ratio_bars(rows: list[dict], prefix: str, spread_key: str) -> tuple[list[float], list[list[float]]]:
+    """(points, [lower lengths, upper lengths]) of the error bars of ``rows``' ratios: the median of the
+    per-round ratios ``<prefix>_rounds_median`` between its quartiles ``_q1`` and ``_q3``, or, without
+    them, ``<prefix>`` with its noise ``spread_key`` as a factor. Every bar's lower end is above 0."""
+    points, lower, upper = [], [], []
+    for row in rows:
+        if row.get(f"{prefix}_rounds_median") is not None:
+            mid, lo, hi = (row[f"{prefix}_rounds_{k}"] for k in ("median", "q1", "q3"))
+        else:
+            mid = row[prefix]
+            factor = 1.0 + (row.get(spread_key) or 0.0) / mid
+            lo, hi = mid / factor, mid * factor
+        points.append(mid)
+        lower.append(mid - lo)
+        upper.append(hi - mid)
+    return points, [lower, upper]
+
+
+def _ratio_axis(ax) -> None:
+    """A log axis for ratios, labelled in plain numbers (0.8, 1, 1.25) rather than powers of 10."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(x / 10 for x in range(10, 100, 5))))
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}" if ax.get_ylim()[1] / ax.get_ylim()[0] < 4
+                                               else ""))
+
+
 def _log_tokens(ax, ylabel: str, title: str, logy: bool = True) -> None:
     ax.set_xscale("log", base=2)
     if logy:
@@ -49,6 +85,17 @@ def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: l
     """Writes a PNG, one row per (dtype, layer shape), against tokens: step time, bytes saved for
     backward, the step-time ratio fused / unfused of the ``auto`` rows of ``comparisons`` and auto /
     best strategy of ``strategies`` (:func:`bench.report.strategy_rows`), ratios with error bars."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, comparisons, strategies)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure(records: list[dict], comparisons: list[dict], strategies: list[dict] | None = None):
+    """The figure :func:`plot` writes (a matplotlib ``Figure``; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,10 +145,11 @@ def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: l
             ranks = sorted({c["r"] for c in pairs if c["family"] == family})
             style = {"color": COLORS.get(family, "black"), "marker": "o", "markersize": 4, "linewidth": 1.4,
                      "linestyle": "--" if unfused.startswith("PEFT") else ":", "capsize": 3, **_rank_style(rank, ranks)}
-            ax.errorbar([c["tokens"] for c in pts], [c["step_time_ratio"] for c in pts],
-                        yerr=[c["step_time_ratio_spread"] for c in pts], label=f"{fused} / {unfused} r={rank}", **style)
+            mids, yerr = ratio_bars(pts, "step_time_ratio", "step_time_ratio_spread")
+            ax.errorbar([c["tokens"] for c in pts], mids, yerr=yerr, label=f"{fused} / {unfused} r={rank}", **style)
         ax.axhline(1.0, color="black", linewidth=0.8)
         _log_tokens(ax, "step time fused (auto) / unfused (< 1: fused faster)", f"time ratio: {where}", logy=False)
+        _ratio_axis(ax)
         if pairs:
             ax.legend(fontsize=7, loc="best")
 
@@ -112,12 +160,12 @@ def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: l
             pts = sorted((s for s in rows if (s["adapter"], s["r"]) == (adapter, rank)), key=lambda s: s["tokens"])
             family = pts[0]["family"]
             ranks = sorted({s["r"] for s in rows if s["family"] == family})
-            ax.errorbar([s["tokens"] for s in pts], [s["auto_over_best"] for s in pts],
-                        yerr=[s["auto_over_best_spread"] for s in pts], label=f"{adapter} r={rank}",
+            mids, yerr = ratio_bars(pts, "auto_over_best", "auto_over_best_spread")
+            ax.errorbar([s["tokens"] for s in pts], mids, yerr=yerr, label=f"{adapter} r={rank}",
                         color=COLORS.get(family, "black"), marker="o", markersize=4, linewidth=1.4, capsize=3,
                         **_rank_style(rank, ranks))
-            for s in pts:  # which strategy was fastest, at each point
-                ax.annotate(s["best"], (s["tokens"], s["auto_over_best"]), fontsize=6, textcoords="offset points",
+            for s, mid in zip(pts, mids):  # which strategy was fastest, at each point
+                ax.annotate(s["best"], (s["tokens"], mid), fontsize=6, textcoords="offset points",
                             xytext=(3, 3), color=COLORS.get(family, "black"))
         if rows:
             ax.axhline(rows[0]["target"], color="tab:red", linewidth=0.8, linestyle="--",
@@ -125,6 +173,7 @@ def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: l
             ax.legend(fontsize=7, loc="best")
         ax.axhline(1.0, color="black", linewidth=0.8)
         _log_tokens(ax, "step time auto / best strategy (labels: best)", f"auto vs best strategy: {where}", logy=False)
+        _ratio_axis(ax)
     fused_strategies = sorted({r.get("strategy") for r in ok if r["fused"] and r.get("strategy")})
     fig.suptitle(
         f"pefttriton fused vs unfused, measured on {device}: {device_name}\n"
@@ -136,7 +185,4 @@ def plot(records: list[dict], comparisons: list[dict], path: Path, strategies: l
                ncol=min(4, max(1, len(handles))), fontsize=9, frameon=False)
     bottom = (0.15 + 0.22 * legend_rows) / height
     fig.tight_layout(rect=(0, bottom, 1, 1 - 0.55 / height))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

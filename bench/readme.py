@@ -55,7 +55,9 @@ def render(result: dict, source: str) -> str:
 
     Two tables: the step-time ratio of each fused adapter to its PEFT layer under every strategy
     (auto naming the path it took) with the bytes kept for backward; and, per shape and adapter,
-    auto's step time over the fastest strategy's.
+    auto's step time over the fastest strategy's. Then, when the JSON has them (``per_call``,
+    :mod:`bench.per_call`), accelerate's overhead per call on a tiny layer and accelerated / PEFT
+    on single layers; a JSON without them renders as before.
     """
     meta = result["meta"]
     versions = meta.get("versions", {})
@@ -114,7 +116,53 @@ def render(result: dict, source: str) -> str:
                          f"| {row['adapter']} | {row['r']} | {row['auto_path']} | {row['best']} "
                          f"| {_ratio(row['auto_over_best'], row['auto_over_best_spread'])} "
                          f"| {row['auto_over_best_of_minima']:.2f} |")
+    lines += _per_call(result.get("per_call"))
     return "\n".join(lines).rstrip("\n") + "\n" + END
+
+
+def _verdict(row: dict, target: float) -> str:
+    from .report import verdict
+
+    return row.get("verdict") or verdict(row["ratio"], row["ratio_spread"], target)
+
+
+def _per_call(section: dict | None) -> list[str]:
+    """The per-call tables (:mod:`bench.per_call`), when the JSON has them: accelerate's overhead per
+    call on a tiny layer and accelerated / PEFT on single layers."""
+    if not section:
+        return []
+    overhead = [row for row in section.get("overhead", []) if row["status"] == "ok"]
+    single = [row for row in section.get("single_layers", []) if row["status"] == "ok"]
+    if not overhead and not single:
+        return []
+    target = section.get("target", 1.0)
+    lines = [
+        "",
+        _prose(f"Per call: `pefttriton.accelerate` on one PEFT layer (`get_peft_model` on `nn.Sequential(nn.Linear)`, "
+               f"adapter tensors random) against the same layer plain, forward + backward with x requiring grad, "
+               f"{section['dtype']}, {section['threads']} threads, {section['rounds']} interleaved rounds: medians of "
+               "the per-round figures, [first, third quartile]. On the tiny layer, accelerated - PEFT is what "
+               f"accelerate adds per layer and call. At most {target:g}: yes, NO, or too noisy to conclude (above "
+               "it by less than half the interquartile range)."),
+        "",
+    ]
+    if overhead:
+        lines += ["| adapter | layer | tokens | r | PEFT µs | accelerated µs | accelerated - PEFT, µs per call | ran |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in overhead:
+            lines.append(f"| {row['label']} | {row['in_features']}x{row['out_features']} | {row['tokens']} | {row['r']} "
+                         f"| {row['peft_us']:.1f} | {row['accelerated_us']:.1f} | {row['overhead_us']:+.1f} "
+                         f"[{row['overhead_us_q1']:+.1f}, {row['overhead_us_q3']:+.1f}] | {row['accelerated_ran']} |")
+        lines.append("")
+    if single:
+        lines += [f"| adapter | layer | tokens | r | PEFT ms | accelerated ms | accelerated / PEFT | at most {target:g} "
+                  "| ran |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in single:
+            lines.append(f"| {row['label']} | {row['in_features']}x{row['out_features']} | {row['tokens']} | {row['r']} "
+                         f"| {row['peft_us'] / 1e3:.2f} | {row['accelerated_us'] / 1e3:.2f} | {row['ratio']:.2f} "
+                         f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}] | {_verdict(row, target)} "
+                         f"| {row['accelerated_ran']} |")
+    return lines
 
 
 def find(text: str) -> tuple[str, str]:

@@ -7,16 +7,43 @@ every strategy's time, GPU memory and kernel counts) is in the JSON.
 
 import datetime
 import json
+import os
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
-from . import cases, roofline
+from . import cases, measure, roofline
 
 MB = 1e6
 WIDTH = 100  # columns of everything the main job prints
 AUTO_TARGET = 1.05  # auto's step time may be at most this times the best strategy's, at every shape
 SHAPE_KEYS = ("device", "dtype", "tokens", "in_features", "out_features", "r")
+NOISY = "too noisy to conclude"
+
+
+def verdict(value: float | None, spread: float | None, target: float) -> str | None:
+    """Whether ``value`` (a ratio, lower is better) meets ``target``: ``"yes"`` when it is at most the
+    target; ``"NO"`` when it exceeds the target by more than its noise ``spread``; else
+    :data:`NOISY`: a miss smaller than the noise is no evidence either way. None when not measured."""
+    if value is None:
+        return None
+    if value <= target:
+        return "yes"
+    return NOISY if value - (spread or 0.0) <= target else "NO"
+
+
+def too_noisy(value: float, spread: float | None, reference: float = 1.0) -> bool:
+    """Whether the noise of ``value`` is at least its distance to ``reference`` (1 for a ratio:
+    fused no faster and no slower than unfused, as far as this run can tell)."""
+    return abs(value - reference) <= (spread or 0.0)
+
+
+def _rounds(a: dict, b: dict) -> dict:
+    """Per-round step-time ratio ``a / b`` (median, quartiles, half-IQR) from the interleaved
+    samples of two records of one shape; {} for records without samples."""
+    if not a.get("step_ms_samples") or len(a["step_ms_samples"]) != len(b.get("step_ms_samples") or ()):
+        return {}
+    return measure.round_ratios(a["step_ms_samples"], b["step_ms_samples"])
 
 
 def _ratio_spread(ratio: float, a: dict, b: dict) -> float:
@@ -43,6 +70,8 @@ def compare(records: list[dict]) -> list[dict]:
                     "step_ms_fused": f["step_ms"], "step_ms_unfused": b["step_ms"],
                     "fwd_time_ratio": f["fwd_ms"] / b["fwd_ms"], "step_time_ratio": ratio,
                     "step_time_ratio_spread": _ratio_spread(ratio, f, b),
+                    "step_time_ratio_too_noisy": too_noisy(ratio, _ratio_spread(ratio, f, b)),
+                    **{f"step_time_ratio_rounds_{k}": v for k, v in _rounds(f, b).items()},
                     "step_time_ratio_of_minima": f["step_ms_min"] / b["step_ms_min"],
                     "saved_bytes_fused": f["saved_bytes"], "saved_bytes_unfused": b["saved_bytes"],
                     "saved_ratio": f["saved_bytes"] / b["saved_bytes"] if b["saved_bytes"] else None,
@@ -78,7 +107,7 @@ def strategy_rows(records: list[dict]) -> list[dict]:
             "best": best, "best_step_ms": named[best]["step_ms"],
             "auto_path": None, "auto_fwd_path": None, "auto_step_ms": None, "auto_over_best": None,
             "auto_over_best_spread": None, "auto_over_best_of_minima": None, "auto_over_its_path": None,
-            "target": AUTO_TARGET, "within_target": None,
+            "target": AUTO_TARGET, "within_target": None, "verdict": None,
         }
         auto = by_strategy.get("auto")
         if auto is not None:
@@ -88,6 +117,8 @@ def strategy_rows(records: list[dict]) -> list[dict]:
                 "auto_over_best": ratio, "auto_over_best_spread": _ratio_spread(ratio, auto, named[best]),
                 "auto_over_best_of_minima": auto["step_ms_min"] / named[best]["step_ms_min"],
                 "within_target": ratio <= AUTO_TARGET,
+                "verdict": verdict(ratio, _ratio_spread(ratio, auto, named[best]), AUTO_TARGET),
+                **{f"auto_over_best_rounds_{k}": v for k, v in _rounds(auto, named[best]).items()},
             })
             if auto["path"] in named:
                 row["auto_over_its_path"] = auto["step_ms"] / named[auto["path"]]["step_ms"]
@@ -117,6 +148,22 @@ def issue2_figures(rows: list[dict]) -> dict | None:
                                for r in at_shape},
             }
     return None
+
+
+def issue2_missing(records: list[dict], unavailable: dict[str, str], requested: list[str] | None) -> str:
+    """Why the FusedVeRALinear vs PEFT VeRA figures at :data:`ISSUE2_SHAPE` are not in this run."""
+    for name in ("fused_vera", "peft_vera"):
+        label = cases.IMPLS[name].label if name in cases.IMPLS else name
+        if name in unavailable:
+            return f"not measured: {label} {unavailable[name]}"
+        if requested is not None and name not in requested:
+            return f"not measured: --impls leaves out {name}"
+    failed = [rec for rec in records if rec["impl"] in ("fused_vera", "peft_vera") and rec["status"] != "ok"
+              and all(rec[k] == v for k, v in ISSUE2_SHAPE.items())]
+    if failed:
+        return f"failed: {failed[0]['label']}: {failed[0]['status']}"
+    return ("not in this run: its shape is not in the grid (--tokens, --layers, --vera-r or --dtypes replaced the "
+            "defaults, which include it)")
 
 
 def _fmt_ratio(value: float | None, spread: float | None = None) -> str:
@@ -154,9 +201,13 @@ def format_table(rows: list[dict], unavailable: dict[str, str], errors: list[dic
                      if r.get("fused_impl") in cases.IMPLS else r["family"], str(r["r"]),
                      cases.strategy_label(r.get("strategy"), r.get("fused_path")),
                      cases.IMPLS[r["unfused_impl"]].short_name if r.get("unfused_impl") in cases.IMPLS else r["unfused"],
-                     _fmt_ratio(r["step_time_ratio"], r["step_time_ratio_spread"]),
+                     _fmt_ratio(r["step_time_ratio"], r["step_time_ratio_spread"])
+                     + (" ?" if too_noisy(r["step_time_ratio"], r["step_time_ratio_spread"]) else ""),
                      "n/a" if r["saved_ratio"] is None else f"{r['saved_ratio']:.3f}"])
     lines = _columns(head, body)
+    if any(b[7].endswith(" ?") for b in body):
+        lines.append(wrap(f"?: {NOISY} (the noise ± is at least the ratio's distance to 1: this run cannot tell "
+                          "which layer is faster)."))
     for fused_name, base_name in cases.PAIRS:
         for name in (fused_name, base_name):
             if name in unavailable:
@@ -174,6 +225,86 @@ def format_table(rows: list[dict], unavailable: dict[str, str], errors: list[dic
     return "\n".join(dict.fromkeys(lines))  # a missing impl of two pairs is said once
 
 
+def _verdict_cell(v: str | None) -> str:
+    return {None: "n/a", NOISY: "too noisy"}.get(v, v)
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.1f}"
+
+
+def format_per_call(section: dict) -> str:
+    """The per-call tables of :mod:`bench.per_call`: accelerate's overhead per call on a tiny
+    layer (microseconds) and accelerated / PEFT on single layers; at most :data:`WIDTH` columns."""
+    where = (f"forward + backward, x requiring grad, {section['dtype']}, {section['threads']} threads, "
+             f"{section['rounds']} interleaved rounds; medians of the per-round figures, [first, third quartile]")
+    lines = [wrap(f"Per call: pefttriton.accelerate on one PEFT layer vs the plain PEFT layer ({where}):")]
+    if section.get("unavailable"):
+        lines.append(wrap(f"  not measured: PEFT {section['unavailable']}", "    "))
+        return "\n".join(lines)
+    notes = []
+
+    def ran(row: dict) -> str:
+        what = row.get("accelerated_ran", "?")
+        if what.startswith("fused"):
+            return what
+        notes.append(wrap(f"  {row['label']} {_layer(row)} N={row['tokens']}: the accelerated layer ran {what}", "    "))
+        return "PEFT (below)"
+
+    def ok(kind: str) -> list[dict]:
+        rows = section.get(kind, [])
+        for row in rows:
+            if row["status"] != "ok":
+                notes.append(wrap(f"  {row['label']} r={row['r']} {_layer(row)} N={row['tokens']}: {row['status']}",
+                                  "    "))
+        return [row for row in rows if row["status"] == "ok"]
+
+    body = [[r["label"], _layer(r), str(r["tokens"]), str(r["r"]), f"{r['peft_us']:.1f}", f"{r['accelerated_us']:.1f}",
+             f"{_signed(r['overhead_us'])} [{_signed(r['overhead_us_q1'])}, {_signed(r['overhead_us_q3'])}]", ran(r)]
+            for r in ok("overhead")]
+    if body:
+        lines += _columns(["adapter", "layer", "tokens", "r", "PEFT us", "accel us", "accel - PEFT us per call", "ran"],
+                          body)
+    target = section.get("target", 1.0)
+    body = [[r["label"], _layer(r), str(r["tokens"]), str(r["r"]), f"{r['peft_us'] / 1e3:.2f}",
+             f"{r['accelerated_us'] / 1e3:.2f}", f"{r['ratio']:.2f} [{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}]",
+             _verdict_cell(verdict(r["ratio"], r["ratio_spread"], target)), ran(r)]
+            for r in ok("single_layers")]
+    if body:
+        lines += [""] + _columns(["adapter", "layer", "tokens", "r", "PEFT ms", "accel ms", "accel / PEFT",
+                                  f"<={target:g}", "ran"], body)
+    lines += notes
+    lines.append(wrap(
+        "accel - PEFT: the accelerated layer's time per call minus the plain one's, per round (on the tiny layer: "
+        f"what accelerate adds per layer and call); accel / PEFT: their ratio per round; <={target:g}: yes, NO, or "
+        f"too noisy ({NOISY}: above the target by less than half the interquartile range); ran: what the "
+        "accelerated layer's last call ran."))
+    return "\n".join(lines)
+
+
+def per_call_failures(section: dict | None) -> list[str]:
+    """Why the per-call section is incomplete: PEFT missing, a row that failed (none: complete)."""
+    if section is None:
+        return []
+    if section.get("unavailable"):
+        return [f"per-call rows (accelerate vs PEFT) not measured: PEFT {section['unavailable']}"]
+    return [f"per-call row {row['label']} r={row['r']} {_layer(row)} N={row['tokens']}: {row['status']}"
+            for kind in ("overhead", "single_layers") for row in section.get(kind, []) if row["status"] != "ok"]
+
+
+def format_load(load: list | tuple | None, cpus: int | None, threads: int) -> str:
+    """The console's load-average line: other work on the machine disturbs CPU timings."""
+    if not load or load[0] is None:
+        return "Load average: not available on this system (other work on the machine disturbs the timings)."
+    after = "" if len(load) < 2 or load[1] is None else f", {load[1]:.2f} after it"
+    text = (f"Load average (1 min): {load[0]:.2f} before the run{after}, on {cpus or '?'} CPUs; this run used "
+            f"{threads} threads.")
+    if cpus and load[0] >= cpus / 2:
+        text += (" A busy machine: other work disturbs the timings (threads wait for each other), so treat the "
+                 "ratios as rough and rerun on a quiet one.")
+    return text
+
+
 def format_strategy_table(rows: list[dict]) -> str:
     """Per shape and adapter: the path auto took, the fastest strategy, auto / best (target at most
     :data:`AUTO_TARGET`); at most :data:`WIDTH` columns."""
@@ -184,8 +315,12 @@ def format_strategy_table(rows: list[dict]) -> str:
         body.append([r["dtype"], _layer(r), str(r["tokens"]), r["family"], str(r["r"]), r["auto_path"] or "n/a",
                      r["best"], _fmt_ratio(r["auto_over_best"], r["auto_over_best_spread"]),
                      "n/a" if r["auto_step_ms"] is None else f"{r['auto_step_ms']:.2f}",
-                     {True: "yes", False: "NO", None: "n/a"}[r["within_target"]]])
+                     _verdict_cell(r.get("verdict", verdict(r["auto_over_best"], r["auto_over_best_spread"],
+                                                            r["target"])))])
     lines = _columns(head, body)
+    if any(b[-1] == "too noisy" for b in body):
+        lines.append(wrap(f"too noisy: {NOISY}, auto/best is above the target by less than its noise (±); "
+                          "rerun on a quieter machine or with more --rounds."))
     lines.append(wrap("best = the fastest strategy named explicitly; auto/best = auto's step time over the best's "
                       "(± noise); every strategy's time: \"strategies\" in the JSON."))
     return "\n".join(lines)
@@ -271,9 +406,14 @@ def roofline_note(records: list[dict]) -> tuple[str, list[dict]]:
 
 
 def write(out: Path, device, dev_name: str, kind: str, argv: list[str], run_meta: dict, suite,
-          unavailable: dict[str, str], records: list[dict]) -> int:
+          unavailable: dict[str, str], records: list[dict], per_call: dict | None = None,
+          requested: list[str] | None = None) -> int:
     """Print the tables and write the result files (``out/bench-<device>.json`` ...); returns 0, or 1
-    when a measurement failed."""
+    when a measurement failed, a requested baseline could not be measured (PEFT not importable,
+    say) or the per-call rows are incomplete; the last lines printed then say why.
+
+    ``per_call`` is :func:`bench.per_call.measure_all`'s section (None: not requested);
+    ``requested`` the implementations asked for (None: all)."""
     rows = compare(records)
     by_strategy = strategy_rows(records)
     errors = [r for r in records if r["status"] != "ok"]
@@ -298,7 +438,12 @@ def write(out: Path, device, dev_name: str, kind: str, argv: list[str], run_meta
         "strategies": by_strategy,
         "roofline": roof_rows,
         "issue2": issue2,
+        "per_call": per_call,
     }
+    if per_call is not None:
+        for row in per_call.get("single_layers", []):
+            if row["status"] == "ok":
+                row["verdict"] = verdict(row["ratio"], row["ratio_spread"], per_call.get("target", 1.0))
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     (out / f"roofline-{device.type}.md").write_text(note, encoding="utf-8")
@@ -326,10 +471,25 @@ def write(out: Path, device, dev_name: str, kind: str, argv: list[str], run_meta
         if others:
             print(wrap("  step-time ratio of each strategy: " + ", ".join(others), "    "))
     elif device.type == "cpu":
-        print(wrap("FusedVeRALinear vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32: not in this run (use the defaults)."))
+        print(wrap("FusedVeRALinear vs PEFT VeRA at N=4096, n=m=1024, r=256, fp32: "
+                   + issue2_missing(records, unavailable, requested) + "."))
     else:
         print(wrap("FusedVeRALinear vs PEFT VeRA CPU figures: run `python -m bench --device cpu`."))
+    if per_call is not None:
+        print()
+        print(format_per_call(per_call))
+    print()
+    print(wrap(format_load(run_meta.get("load_average"), run_meta.get("cpu_count", os.cpu_count()),
+                           run_meta.get("torch_threads", 0))))
     print("Wrote:")
     for path in (json_path, png_path, out / f"roofline-{device.type}.md"):
         print(f"  {path}")
-    return 1 if errors else 0
+    failures = [f"requested baseline {cases.IMPLS[name].label} {why}" for name, why in unavailable.items()
+                if name in cases.IMPLS and not cases.IMPLS[name].fused]
+    failures += per_call_failures(per_call)
+    for line in failures:
+        print(wrap(f"error: {line}"))
+    if failures:
+        print(wrap("Exit status 1: install what is missing (the PEFT baselines need `pip install peft`) or leave it "
+                   "out (--impls, --per-call none)."))
+    return 1 if errors or failures else 0

@@ -16,7 +16,15 @@ from torch import nn
 from . import cases, measure, roofline
 
 
-def progress(total: int, enabled: bool, desc: str):
+def progress(total: int, enabled: bool, desc: str, stream=None):
+    """A tqdm bar on ``stream`` (default stderr), or a silent stand-in when ``enabled`` is false,
+    tqdm is missing, or ``stream`` is not a terminal (a log file, a pipe, CI: a bar there is noise)."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        enabled = enabled and bool(isatty and isatty())
+    except (ValueError, OSError):  # a closed or detached stream
+        enabled = False
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm comes with transformers; without it, no bar
@@ -34,7 +42,7 @@ def progress(total: int, enabled: bool, desc: str):
                 pass
 
         return _Silent()
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, file=stream, dynamic_ncols=True, leave=False)
 
 
 def device_name(device: torch.device) -> str:
