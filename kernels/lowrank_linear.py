@@ -74,6 +74,26 @@ GEMM_CONFIGS = {
 }
 INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 
+# Launches that draw a dropout mask (Philox per element of a tile) hold more registers: the tiles
+# above spill up to 3 KB there. These compile without spills for sm_80 and sm_90 at the three
+# dropout call sites (x A^T, grad_A, grad_x's masked product), with triton 3.6 and 3.9; "fp32"
+# serves both IEEE and TF32 dots.
+DROPOUT_CONFIGS = {
+    "16-bit": [
+        gemm_config(64, 64, 32, 8, 3),
+        gemm_config(64, 64, 32, 8, 2),
+        gemm_config(64, 32, 32, 8, 2),
+        gemm_config(64, 16, 32, 4, 2),
+        gemm_config(32, 32, 32, 4, 2),
+    ],
+    "fp32": [
+        gemm_config(64, 64, 16, 8, 2),
+        gemm_config(64, 32, 16, 4, 2),
+        gemm_config(32, 64, 16, 4, 2),
+        gemm_config(32, 32, 16, 4, 2),
+    ],
+}
+
 # The Hopper variant (tensor descriptors, persistent tiles): the persistent-matmul tutorial's tiles
 # for wgmma, 128x256 included; compiled for sm_90 without spills (the kernel report). Only 16-bit
 # and TF32 dots: IEEE fp32 dots run on FMA units, where TMA loads buy nothing.
@@ -243,6 +263,25 @@ _fused_gemm_kernel = _gemm_autotuner(restore=False)(_fused_gemm)
 _fused_gemm_accumulate_kernel = _gemm_autotuner(restore=True)(_fused_gemm)
 
 
+def _prune_dropout_configs(candidates, named_args, **kwargs):
+    """``early_config_prune`` of the dropout launches: DROPOUT_CONFIGS of the dot family."""
+    if INTERPRET:
+        return candidates
+    family = gemm_family(named_args["w_ptr"].dtype, kwargs["INPUT_PRECISION"])
+    family = DROPOUT_CONFIGS["16-bit" if family == "16-bit" else "fp32"]
+    return [config for config in candidates if any(config is mine for mine in family)]
+
+
+# The launches with a dropout mask: their own configs; y restored while tuning (grad_x's masked
+# product adds into y in place).
+_fused_gemm_dropout_kernel = triton.autotune(
+    configs=INTERPRET_GEMM_CONFIGS if INTERPRET else [c for family in DROPOUT_CONFIGS.values() for c in family],
+    key=["M_BUCKET", "N", "K", "R", "INPUT_PRECISION", "HAS_MAIN", "ACCUMULATE"],
+    prune_configs_by={"early_config_prune": _prune_dropout_configs},
+    restore_value=["y_ptr"],
+)(_fused_gemm)
+
+
 
 @triton.autotune(configs=INTERPRET_GRAD_CONFIGS if INTERPRET else GRAD_CONFIGS, key=["M_BUCKET", "N", "R"])
 @triton.jit
@@ -342,8 +381,12 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None, dropo
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     c_ = c if accumulate else y
-    kernel = _fused_gemm_accumulate_kernel if accumulate and c is y else _fused_gemm_kernel
     drop = dropout if dropout is not None and dropout.p > 0 else None
+    if drop is not None:
+        kernel, prune = _fused_gemm_dropout_kernel, _prune_dropout_configs
+    else:
+        kernel = _fused_gemm_accumulate_kernel if accumulate and c is y else _fused_gemm_kernel
+        prune = _prune_gemm_configs
     run_tuned(
         kernel, grid, y, x_, w_, bias if bias is not None else dummy, h_, d if d is not None else dummy, lb,
         bvec if bvec is not None else dummy, c_, y, drop.seed if drop else dummy,
@@ -357,7 +400,7 @@ def _launch_gemm(x, weight, bias, h, lowrank_B, d, bvec, scale, y, c=None, dropo
         DROP_X=drop is not None and dropout_on == "x", DROP_W=drop is not None and dropout_on == "w",
         DROP_LOWRANK=drop is not None and dropout_on == "lowrank",
         INPUT_PRECISION=input_precision(dummy.dtype), DOT_IN_FP32=dot_in_fp32(dummy.dtype),
-        prune=_prune_gemm_configs,
+        prune=prune,
     )
     return y
 
