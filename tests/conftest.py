@@ -15,6 +15,7 @@ skipped) and the interpreter stays off, so that benchmarks on a GPU time the com
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ DEVICES = ("cpu", "cuda")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: CPU-specific by nature; skipped with PEFTTRITON_TEST_DEVICE=cuda")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels in the CPU interpreter (needs triton >= 3.9 there)")
     if config.getoption("benchmark_only", default=False):
         return
     if TEST_DEVICE not in DEVICES:
@@ -51,11 +53,36 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+# Triton's CPU interpreter runs the kernels from triton 3.9 on (3.6's fails on their K loops: "only
+# 0-dimensional arrays can be converted to Python scalars"). With an older Triton (the GPU machine's
+# versions replayed on the CPU, .ci/compat-lane) the tests that run kernels in the interpreter are
+# skipped: those marked ``interpreter`` and those whose id names a Triton path or the triton backend.
+INTERPRETER_TRITON = (3, 9)
+_TRITON_WORDS = {"triton", "fused", "split", "tma"}
+
+
+def _interpreter_usable() -> bool:
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= INTERPRETER_TRITON
+
+
+def _runs_kernels_in_the_interpreter(item) -> bool:
+    return "interpreter" in item.keywords or bool(_TRITON_WORDS & set(re.split(r"[^a-z0-9]+", item.nodeid.lower())))
+
+
 def pytest_collection_modifyitems(config, items):
     if DEVICE.type == "cuda":
         skip = pytest.mark.skip(reason="CPU-specific (cpu_only); PEFTTRITON_TEST_DEVICE=cuda")
         for item in items:
             if "cpu_only" in item.keywords:
+                item.add_marker(skip)
+    elif not _interpreter_usable():
+        import triton
+
+        skip = pytest.mark.skip(reason=f"Triton's interpreter needs triton >= 3.9 to run the kernels (this is {triton.__version__})")
+        for item in items:
+            if _runs_kernels_in_the_interpreter(item):
                 item.add_marker(skip)
 
 

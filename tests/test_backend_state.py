@@ -69,6 +69,7 @@ def test_set_backend_is_process_wide():
     assert box["backend"] == "torch"
 
 
+@pytest.mark.interpreter
 @pytest.mark.cpu_only  # on the CPU "auto" differs from "triton"
 def test_backward_runs_the_path_of_its_forward(gen, monkeypatch):
     """The path is fixed when the op is called: a backward run after leaving use_backend (or, on

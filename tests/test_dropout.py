@@ -99,6 +99,7 @@ def test_forward_and_every_gradient_with_the_drawn_masks(gen, seeds_drawn, dtype
     assert rel_err(y, y_nodrop) > 3 * TOL[dtype]
 
 
+@pytest.mark.interpreter
 def test_masks_agree_between_the_kernels_and_have_the_right_rate():
     """Keep rate within 4 sigma of 1 - p over 10^6 draws; the three kernel sites (x tiles, x^T
     tiles, the masked product) draw one mask; other seeds draw independent masks."""

@@ -31,6 +31,7 @@ def _run(*args, **env_changes):
                           text=True, timeout=300)
 
 
+@pytest.mark.interpreter
 def test_selftest_runs_and_reports(tmp_path):
     proc = _run("--selftest", "--out", str(tmp_path))
     assert proc.returncode == gpu_check.EXIT_PASS, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -71,6 +72,7 @@ def test_selftest_runs_and_reports(tmp_path):
     assert "CPU self-test" in text and "not GPU figures" in text and "VERDICT: PASS" in text
 
 
+@pytest.mark.interpreter
 def test_sections_not_run_are_listed_and_make_the_run_incomplete(tmp_path):
     """--only: the other sections are listed as skipped and the verdict is INCOMPLETE, with its own
     exit status; one cache warmer runs a later section in a process of its own and is recorded."""
@@ -87,6 +89,7 @@ def test_sections_not_run_are_listed_and_make_the_run_incomplete(tmp_path):
     assert _run("--selftest", "--out", str(tmp_path), "--skip", "nonsense").returncode == gpu_check.EXIT_CANNOT_RUN
 
 
+@pytest.mark.interpreter
 def test_out_of_budget_sections_are_skipped_not_dropped(tmp_path):
     ran = []
     functions = {name: (lambda run, sec, name=name: ran.append(name)) for name in gpu_check.SECTION_NAMES}

@@ -76,6 +76,7 @@ def make_layer(gen, n, m, r, variant, *, dtype=torch.float64, alpha=6.0, randomi
     [(37, 1, None), (45, 3, None), (83, 20, 2), (150, 5, 3), (33, 70, None)],
     ids=["m37-r1", "m45-r3", "m83-r20-split2", "m150-r5-split3", "m33-r70"],
 )
+@pytest.mark.interpreter
 def test_shift_kernels_match_rolled_rows(gen, m, r, split):
     """Kernel launchers vs torch.stack of rolled rows (float64): M, grad_B, grad_A.
 
@@ -99,6 +100,7 @@ def test_shift_kernels_match_rolled_rows(gen, m, r, split):
         assert kernels.split_chunk(m, 1, split) < m
 
 
+@pytest.mark.interpreter
 def test_shift_kernel_strided_and_fp32_inputs(gen):
     """Non-contiguous factors (transposed views) and fp32 -> fp32 output, against fp64."""
     m, r = 41, 6
@@ -114,6 +116,7 @@ def test_shift_kernel_strided_and_fp32_inputs(gen):
     assert rel_err(gA, 1.3 * B.T @ Gs) < 1e-12
 
 
+@pytest.mark.interpreter
 def test_shift_direction_matches_authors_gather(gen):
     """The public op vs the authors' formulation torch.gather(P, 1, (j - i) % m) (both backends)."""
     m, r = 23, 2

@@ -210,6 +210,7 @@ def test_empty_input(backend, gen):
     assert torch.equal(gd, torch.zeros_like(gd)) and torch.equal(gb, torch.zeros_like(gb))
 
 
+@pytest.mark.interpreter
 def test_backends_agree_with_each_other(gen):
     """Both backends, same inputs, float64: outputs and gradients agree to rounding."""
     t = make_inputs(gen, *SHAPE_B, 33, dtype=torch.float64)

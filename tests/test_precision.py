@@ -104,7 +104,7 @@ def tf32_through_the_new_api():
 
 def test_tf32_set_through_the_new_api_is_read_without_error(tf32_through_the_new_api, monkeypatch):
     """Once the new API set TF32, reading the legacy allow_tf32 raises; pefttriton reads the new one
-    (the kernels' dot precision, the cost model on CUDA) and every strategy still runs."""
+    (the kernels' dot precision, the cost model on CUDA); every strategy still runs (below)."""
     import pefttriton
     from pefttriton.kernels import launch
     from pefttriton.ops import strategy
@@ -122,6 +122,12 @@ def test_tf32_set_through_the_new_api_is_read_without_error(tf32_through_the_new
     with launch.allow_tf32(False):
         assert not launch.tf32_allowed() and torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert launch.tf32_allowed()
+
+
+@pytest.mark.interpreter
+def test_every_strategy_runs_with_tf32_set_through_the_new_api(tf32_through_the_new_api):
+    import pefttriton
+
     gen = torch.Generator().manual_seed(0)
     x, weight, A, B = (torch.randn(*size, generator=gen, dtype=torch.float64) for size in ((9, 12), (7, 12), (3, 12), (7, 3)))
     want = lowrank_linear_reference(x, weight, None, A, B, scale=0.5)

@@ -162,6 +162,7 @@ def test_outputs_are_tensors_of_their_own(backend, gen, lead):
     assert y_pi.shape == (*lead, m) and not y_pi._is_view()
 
 
+@pytest.mark.interpreter
 def test_weight_offsets_beyond_int32(tmp_path):
     """A weight whose element offsets pass 2**31 (a large lm_head, or any view with a large row
     stride) is read with 64-bit offsets, forward (``x W^T``) and through its transposed view
