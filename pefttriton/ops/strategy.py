@@ -233,30 +233,52 @@ def estimate(path: str, device: torch.device, dtype: torch.dtype, shape: tuple[i
     return total
 
 
+class _KernelChoice:
+    """A context-local override of one kernel choice inside the Triton paths ("auto": the cost
+    model decides), for tests and measurements, like the strategy's :func:`use_strategy`."""
+
+    def __init__(self, what: str, names: tuple[str, ...]) -> None:
+        self.what, self.names = what, names
+        self.var: contextvars.ContextVar[str] = contextvars.ContextVar(f"pefttriton_{what.replace(' ', '_')}", default="auto")
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        if name not in self.names:
+            raise ValueError(f"{self.what} must be one of {self.names}, got {name!r}")
+        token = self.var.set(name)
+        try:
+            yield
+        finally:
+            self.var.reset(token)
+
+
 # How a Triton path computes the low-rank gradients: "kernel" (one pass over the output gradient,
-# kernels.lowrank_linear._lowrank_grad_kernel) or "blas" (the products lean uses); "auto": the
-# cheaper by :func:`estimate`. A context-local override, like the strategy (:func:`use_lowrank_backward`).
+# kernels.lowrank_linear._lowrank_grad_kernel) or "blas" (the products lean uses).
 LOWRANK_BACKWARDS = ("auto", "kernel", "blas")
-_LOWRANK_BACKWARD: contextvars.ContextVar[str] = contextvars.ContextVar("pefttriton_lowrank_backward", default="auto")
+_LOWRANK_BACKWARD = _KernelChoice("lowrank backward", LOWRANK_BACKWARDS)
+# Which Triton GEMM the fused paths' big products run: "pointer" or "tma" (Hopper).
+GEMM_KERNELS = ("auto", "pointer", "tma")
+_GEMM_KERNEL = _KernelChoice("gemm kernel", GEMM_KERNELS)
 
 
-@contextlib.contextmanager
 def use_lowrank_backward(name: str):
     """Inside the block, Triton paths compute the low-rank gradients as ``name`` says ("kernel",
-    "blas" or "auto"); for tests and measurements (``python -m bench.gpu_check`` times both)."""
-    if name not in LOWRANK_BACKWARDS:
-        raise ValueError(f"lowrank backward must be one of {LOWRANK_BACKWARDS}, got {name!r}")
-    token = _LOWRANK_BACKWARD.set(name)
-    try:
-        yield
-    finally:
-        _LOWRANK_BACKWARD.reset(token)
+    "blas" or "auto": :func:`lowrank_backward`); for tests and measurements (``python -m
+    bench.gpu_check`` times both)."""
+    return _LOWRANK_BACKWARD.use(name)
+
+
+def use_gemm_kernel(name: str):
+    """Inside the block, the Triton paths' big GEMMs (the fused forward, ``grad_x``) run the kernel
+    ``name`` says: "pointer" (pointer loads, any GPU), "tma" (tensor descriptors and persistent
+    tiles, Hopper; where the inputs meet TMA's alignment rules) or "auto" (:func:`gemm_kernel`)."""
+    return _GEMM_KERNEL.use(name)
 
 
 def kernel_overrides() -> tuple[str, str]:
     """The :func:`use_lowrank_backward` and :func:`use_gemm_kernel` settings of this context: an eager
     call keeps them for its backward, which on CUDA runs in an autograd thread that does not see them."""
-    return _LOWRANK_BACKWARD.get(), _GEMM_KERNEL.get()
+    return _LOWRANK_BACKWARD.var.get(), _GEMM_KERNEL.var.get()
 
 
 @contextlib.contextmanager
@@ -270,7 +292,7 @@ def lowrank_backward(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     """"kernel" or "blas": how a Triton path's backward computes ``gh``, ``grad_d`` and ``grad_b``
     for a call of ``shape`` (tokens, in, out, rank). Off CUDA (Triton's interpreter, for tests)
     the kernel, unless :func:`use_lowrank_backward` says otherwise."""
-    forced = _LOWRANK_BACKWARD.get()
+    forced = _LOWRANK_BACKWARD.var.get()
     if forced != "auto":
         return forced
     if device.type != "cuda":
@@ -278,29 +300,11 @@ def lowrank_backward(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     return _cheaper_backward(device, dtype, tuple(shape), trains, launch.tf32_allowed())
 
 
-GEMM_KERNELS = ("auto", "pointer", "tma")
-_GEMM_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("pefttriton_gemm_kernel", default="auto")
-
-
-@contextlib.contextmanager
-def use_gemm_kernel(name: str):
-    """Inside the block, the Triton paths' big GEMMs (the fused forward, ``grad_x``) run the kernel
-    ``name`` says: "pointer" (pointer loads, any GPU), "tma" (tensor descriptors and persistent
-    tiles, Hopper; where the inputs meet TMA's alignment rules) or "auto" (:func:`gemm_kernel`)."""
-    if name not in GEMM_KERNELS:
-        raise ValueError(f"gemm kernel must be one of {GEMM_KERNELS}, got {name!r}")
-    token = _GEMM_KERNEL.set(name)
-    try:
-        yield
-    finally:
-        _GEMM_KERNEL.reset(token)
-
-
 def gemm_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """"pointer" or "tma": which Triton GEMM the fused paths run for inputs of ``dtype``. The TMA
     variant only where the device's model has a measured rate for it above the pointer kernel's
     (``DeviceModel.tma_gemm``), unless :func:`use_gemm_kernel` says otherwise."""
-    forced = _GEMM_KERNEL.get()
+    forced = _GEMM_KERNEL.var.get()
     if forced != "auto":
         return forced
     if device.type != "cuda":
