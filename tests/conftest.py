@@ -86,3 +86,16 @@ def gen():
     """A seeded generator on the test device, so every test draws the same inputs on every run."""
     return torch.Generator(device=DEVICE).manual_seed(1234)
 
+
+
+@pytest.fixture(scope="session")
+def distributed_runs(request, tmp_path_factory):
+    """The 2-process gloo runs of tests/test_ddp.py and tests/test_fsdp.py: one pair of worker
+    processes per backend, running the scenarios of every module this session collected, started
+    together on the first request (tests/distributed_workers.py); ``.results(backend, module)``
+    gives both ranks' results, or fails the test when that backend's workers failed."""
+    from distributed_workers import Runs
+
+    runs = Runs(*Runs.needed(request.session.items), tmp_path_factory.mktemp("distributed"))
+    yield runs
+    runs.close()
