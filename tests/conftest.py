@@ -37,6 +37,11 @@ def pytest_configure(config):
         torch.set_default_device("cuda")
         return
     os.environ["TRITON_INTERPRET"] = "1"
+    # The tests' tensors are tiny, so intra-op threads only add synchronisation: on 2 busy cores a
+    # 60 x 60 float64 gradient-descent loop (tests/test_deep_factorization.py) took 13 s with 2
+    # threads and 0.2 s with 1, and three of the larger test files used a quarter less CPU. One
+    # thread also leaves the other cores to the subprocesses the tests start (background.py).
+    torch.set_num_threads(1)
     from pefttriton.kernels import launch
 
     if not launch.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
