@@ -16,6 +16,8 @@ skipped) and the interpreter stays off, so that benchmarks on a GPU time the com
 
 import os
 
+import background
+import distributed_workers
 import pytest
 import torch
 from helpers import BACKENDS, DEVICE, TEST_DEVICE
@@ -93,14 +95,20 @@ def gen():
 
 
 
-@pytest.fixture(scope="session")
-def distributed_runs(request, tmp_path_factory):
-    """The 2-process gloo runs of tests/test_ddp.py and tests/test_fsdp.py: one pair of worker
-    processes per backend, running the scenarios of every module this session collected, started
-    together on the first request (tests/distributed_workers.py); ``.results(backend, module)``
-    gives both ranks' results, or fails the test when that backend's workers failed."""
-    from distributed_workers import Runs
+@pytest.fixture(scope="session", autouse=True)
+def _background_jobs(request, tmp_path_factory):
+    """Starts, before the first test, the subprocesses whose results selected tests read later
+    (tests/background.py: the DDP/FSDP workers, the torchrun example, the kernel report's sample);
+    ends any still running at the end of the session."""
+    jobs = background.start_needed(request.session.items, tmp_path_factory)
+    yield
+    for job in jobs:
+        job.stop()
 
-    runs = Runs(*Runs.needed(request.session.items), tmp_path_factory.mktemp("distributed"))
-    yield runs
-    runs.close()
+
+@pytest.fixture(scope="session")
+def distributed_runs():
+    """The 2-process gloo runs of tests/test_ddp.py and tests/test_fsdp.py, one pair of worker
+    processes per backend (tests/distributed_workers.py); ``.results(backend, module)`` gives both
+    ranks' results, or fails the test when that backend's workers failed."""
+    return distributed_workers.RUNS

@@ -8,9 +8,9 @@ of its backend, DDP's and then FSDP's, in one process group.
 Start-up is shared. Importing torch, torch.distributed, transformers and pefttriton takes about
 4 s of CPU per process, more than most scenarios, so one launcher process imports them once and
 forks the four workers (fork before any thread or process group exists: each child is a process of
-its own, with the modules already loaded). Both pairs start together, in the background, at the
-first test that asks for a result, and the test process computes its single-process references
-meanwhile.
+its own, with the modules already loaded). Both pairs start together, in the background, with the
+test session (tests/background.py: :data:`RUNS` is the job behind the session fixture
+``distributed_runs``), and the tests before them run meanwhile.
 
 The launcher is this file run as a script::
 
@@ -22,10 +22,10 @@ order, the module's ``worker(backend, rank, out_dir)`` and saves what it returns
 that exists is complete), its output to ``rank<rank>.log`` there. The launcher writes each worker's
 exit code to ``rank<rank>.exit`` and, when a worker fails, ends its partner at once (it would wait
 in a collective until gloo's timeout). The workers talk over 127.0.0.1 only (a free port per pair,
-``GLOO_SOCKET_IFNAME=lo``); the test process ends a pair that runs past :data:`TIMEOUT_S`.
+``GLOO_SOCKET_IFNAME=lo``); the test process ends a pair that a test has waited for longer than
+:data:`TIMEOUT_S`.
 
-conftest.py's session fixture ``distributed_runs`` starts the launcher (:class:`Runs`). Like
-helpers.py, this module imports nothing heavy at module level.
+Like helpers.py, this module imports nothing heavy at module level.
 """
 
 import datetime
@@ -33,15 +33,16 @@ import importlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from background import Job
+
 WORLD = 2
 TIMEOUT_S = 150
-"""Hard limit for one backend's pair, from the launch to its last result."""
+"""Hard limit for one backend's pair, from the moment a test first waits for it to its last result."""
 HERE = Path(__file__).resolve().parent
 PRELOAD = (
     "torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint",
@@ -72,64 +73,75 @@ def worker_env() -> dict:
 # ------------------------------------------------------------------------------ the test process' side
 
 
-class Runs:
-    """The worker pairs of one test session, launched together on the first request."""
+def _needed(items) -> tuple[list[str], list[str]]:
+    """(backends, test modules) that the selected tests reaching ``distributed_runs`` ask for: a
+    test's ``backend`` parameter, else "torch"; modules in collection order."""
+    backends, modules = set(), []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backends.add(callspec.params.get("backend", "torch") if callspec else "torch")
+        if item.path.stem not in modules:
+            modules.append(item.path.stem)
+    return sorted(backends), modules
 
-    def __init__(self, backends: list[str], modules: list[str], out: Path) -> None:
-        self.backends, self.modules, self.out = backends, modules, out
-        self.launcher = None
-        self.start = 0.0
+
+class Runs(Job):
+    """The worker pairs of one test session: a background job (tests/background.py) behind the
+    session fixture ``distributed_runs``, so they run while the tests before them do."""
+
+    def __init__(self) -> None:
+        super().__init__("distributed_runs", self._command, TIMEOUT_S, env=worker_env)
+        self.backends: list[str] = []
         self.failures: dict[str, str] = {}
-        self.elapsed: dict[tuple, float] = {}  # (backend, module) -> seconds from the launch
+        self.deadline = None
+        self.waited: dict[tuple, float] = {}  # (backend, module) -> seconds a test waited for them
 
-    def _launch(self) -> None:
+    def _command(self, folder: Path, items) -> list[str]:
+        self.backends, modules = _needed(items)
         for backend in self.backends:
-            (self.out / backend).mkdir(parents=True, exist_ok=True)
-        self.start = time.perf_counter()
-        with open(self.out / "launcher.log", "w") as log:  # a file, not a pipe: never blocks a worker
-            self.launcher = subprocess.Popen(
-                [sys.executable, __file__, str(self.out), ",".join(self.backends), *self.modules],
-                env=worker_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            (folder / backend).mkdir(parents=True, exist_ok=True)
+        return [sys.executable, __file__, str(folder), ",".join(self.backends), *modules]
 
-    def folder(self, backend: str) -> Path:
+    def folder_of(self, backend: str) -> Path:
         """Where ``backend``'s workers write (their checkpoints, results and logs)."""
-        return self.out / backend
+        return self.folder / backend
 
     def _exit_codes(self, backend: str) -> list:
-        files = [self.folder(backend) / f"rank{rank}.exit" for rank in range(WORLD)]
+        files = [self.folder_of(backend) / f"rank{rank}.exit" for rank in range(WORLD)]
         return [int(f.read_text()) if f.exists() else None for f in files]
 
     def _kill(self, backend: str) -> None:
         for rank in range(WORLD):
-            pid_file = self.folder(backend) / f"rank{rank}.pid"
-            if pid_file.exists() and not (self.folder(backend) / f"rank{rank}.exit").exists():
+            pid_file = self.folder_of(backend) / f"rank{rank}.pid"
+            if pid_file.exists() and not (self.folder_of(backend) / f"rank{rank}.exit").exists():
                 try:
                     os.kill(int(pid_file.read_text()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
     def _logs(self, backend: str) -> str:
-        parts = [f"--- launcher:\n{(self.out / 'launcher.log').read_text()[-2000:]}"]
+        parts = [f"--- launcher:\n{(self.folder / 'stderr').read_text()[-2000:]}"]
         for rank, code in enumerate(self._exit_codes(backend)):
-            log = self.folder(backend) / f"rank{rank}.log"
+            log = self.folder_of(backend) / f"rank{rank}.log"
             parts.append(f"--- rank {rank}, exit {code}:\n{log.read_text()[-3000:] if log.exists() else ''}")
         return "\n".join(parts)
 
     def _wait(self, backend: str, module: str) -> str | None:
         """Wait for both ranks' results of ``module``; what went wrong, or None."""
         if backend not in self.backends:
-            return f"no {backend} workers: this session collected none of their tests"
-        files = [self.folder(backend) / f"{module}_rank{rank}.pt" for rank in range(WORLD)]
+            return f"no {backend} workers: this session selected none of their tests"
+        files = [self.folder_of(backend) / f"{module}_rank{rank}.pt" for rank in range(WORLD)]
+        if self.deadline is None:  # the workers may have shared the machine with the tests until now
+            self.deadline = time.perf_counter() + TIMEOUT_S
         while backend not in self.failures and not all(f.exists() for f in files):
             codes = self._exit_codes(backend)
             why = None
             if any(code not in (None, 0) for code in codes):  # a segfault shows as -11
                 why = f"exited with {codes} before the results of {module}"
-            elif all(code == 0 for code in codes) or self.launcher.poll() is not None:
+            elif all(code == 0 for code in codes) or self.proc.poll() is not None:
                 if not all(f.exists() for f in files):  # (a result may land between the two looks)
                     why = f"ended without the results of {module} (exit codes {codes})"
-            elif time.perf_counter() - self.start > TIMEOUT_S:
+            elif time.perf_counter() > self.deadline:
                 self._kill(backend)
                 why = f"did not finish {module} within {TIMEOUT_S} s"
             if why is not None:
@@ -144,32 +156,18 @@ class Runs:
         import pytest
         import torch
 
-        if self.launcher is None:
-            self._launch()
+        assert self.proc is not None, "the distributed runs were never started (conftest.py starts them)"
+        start = time.perf_counter()
         failure = self._wait(backend, module)
         if failure is not None:
             pytest.fail(failure, pytrace=False)
-        self.elapsed.setdefault((backend, module), time.perf_counter() - self.start)
-        return [torch.load(self.folder(backend) / f"{module}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+        self.waited.setdefault((backend, module), time.perf_counter() - start)
+        return [torch.load(self.folder_of(backend) / f"{module}_rank{rank}.pt", weights_only=False)
+                for rank in range(WORLD)]
 
-    def close(self) -> None:
-        if self.launcher is not None and self.launcher.poll() is None:
-            os.killpg(self.launcher.pid, signal.SIGKILL)  # the launcher and its workers
-            self.launcher.wait()
 
-    @staticmethod
-    def needed(items) -> tuple[list[str], list[str]]:
-        """(backends, test modules) that the collected tests using ``distributed_runs`` ask for: a
-        test's ``backend`` parameter, else "torch"; modules in collection order."""
-        backends, modules = set(), []
-        for item in items:
-            if "distributed_runs" not in getattr(item, "fixturenames", ()):
-                continue
-            callspec = getattr(item, "callspec", None)
-            backends.add(callspec.params.get("backend", "torch") if callspec else "torch")
-            if item.path.stem not in modules:
-                modules.append(item.path.stem)
-        return sorted(backends), modules
+if __name__ != "__main__":  # (the launcher imports this module again through the test modules)
+    RUNS = Runs()
 
 
 # ------------------------------------------------------------------------------ the launcher and workers

@@ -11,16 +11,17 @@ control). With the Triton that wrote the report, the fresh rows equal the commit
 shows that the committed figures are real; with another, they must still not spill.
 
 The compiler runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the jit
-functions that the compiler needs), ahead of time for the GPU targets on this CPU machine; see
+functions that the compiler needs), started in the background with the test session
+(tests/background.py), ahead of time for the GPU targets on this CPU machine; see
 ``pefttriton/tools/kernel_report.py``.
 """
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 
 from pefttriton.kernels import lorma_pi as lp
@@ -177,23 +178,34 @@ def test_committed_occupancy_follows_the_rule(committed):
 # ------------------------------------------------------------------------------ fresh compiles
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    """The sample and the spill control, compiled by the installed Triton (``--sample``)."""
-    out = tmp_path_factory.mktemp("report") / "sample.json"
-    # The repository root first, as under pytest, so that this checkout's package compiles.
+def _sample_command(folder, items):
+    return [sys.executable, "-m", "pefttriton.tools.kernel_report", "--sample", str(REPORT), "--json",
+            str(folder / "sample.json")]
+
+
+def _compiler_env():
+    # No interpreter; the repository root first, as under pytest, so that this checkout compiles.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-m", "pefttriton.tools.kernel_report", "--sample", str(REPORT), "--json", str(out)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-    )
+    return env
+
+
+# The sample compiles in the background from the start of the session (tests/background.py).
+SAMPLE = background.Job("kernel_report_sample", _sample_command, TIMEOUT, env=_compiler_env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def kernel_report_sample():
+    """The sample and the spill control, compiled by the installed Triton (``--sample``)."""
+    proc = SAMPLE.wait()
+    out = SAMPLE.folder / "sample.json"
+    assert proc.returncode is not None, f"the sample did not compile within {TIMEOUT} s"
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
 
-def test_fresh_sample_compiles_without_spills(sample, committed):
-    proc, fresh = sample
+def test_fresh_sample_compiles_without_spills(kernel_report_sample, committed):
+    proc, fresh = kernel_report_sample
     rows = fresh["results"]
     bad = _problems(rows)
     assert not bad, "\n".join(bad)
@@ -213,10 +225,10 @@ def test_fresh_sample_compiles_without_spills(sample, committed):
         print(f"report written by triton {committed['fingerprint']['triton']}, installed {fresh['fingerprint']['triton']}")
 
 
-def test_report_detects_spills(sample):
+def test_report_detects_spills(kernel_report_sample):
     """The check is not vacuous: a tile whose accumulator alone exceeds 255 registers per thread
     (64 x 256 fp32 values over 64 threads) must show spills, and the tool must flag it."""
-    _, fresh = sample
+    _, fresh = kernel_report_sample
     control = fresh["control"]
     assert control["error"] == "" and control["stack_bytes"] > 0, control
     assert kr.Result(**control).ok is False
