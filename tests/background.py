@@ -25,10 +25,16 @@ JOBS: dict[str, "Job"] = {}
 """Every declared job, by the name of the fixture through which tests read it."""
 
 
+def _skipped(item) -> bool:
+    """Marked ``skip``, or ``skipif`` with a condition that is True (a string condition counts as
+    not skipped: the job then starts for nothing, which costs time, not correctness)."""
+    return item.get_closest_marker("skip") is not None or any(
+        marker.args and marker.args[0] is True for marker in item.iter_markers("skipif"))
+
+
 def selected_users(items, fixture: str) -> list:
     """The selected, not skipped, tests that reach ``fixture``."""
-    return [item for item in items
-            if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker("skip") is None]
+    return [item for item in items if fixture in getattr(item, "fixturenames", ()) and not _skipped(item)]
 
 
 class Job:
