@@ -12,6 +12,10 @@
 
 Under ``pytest --benchmark-only`` the tests here are not collected (so they are not reported as
 skipped) and the interpreter stays off, so that benchmarks on a GPU time the compiled kernels.
+
+On the CPU the test process runs torch with one thread; the subprocesses whose results tests only
+read (DDP/FSDP workers, the torchrun example, the kernel report's sample, a fresh-interpreter import
+check) start with the session and run on the other cores meanwhile (background.py).
 """
 
 import os
