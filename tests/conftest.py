@@ -12,11 +12,17 @@
 
 Under ``pytest --benchmark-only`` the tests here are not collected (so they are not reported as
 skipped) and the interpreter stays off, so that benchmarks on a GPU time the compiled kernels.
+
+On the CPU the test process runs torch with one thread; the subprocesses whose results tests only
+read (DDP/FSDP workers, the torchrun example, the kernel report's sample, a fresh-interpreter import
+check) start with the session and run on the other cores meanwhile (background.py).
 """
 
 import os
 import re
 
+import background
+import distributed_workers
 import pytest
 import torch
 from helpers import BACKENDS, DEVICE, TEST_DEVICE
@@ -39,6 +45,11 @@ def pytest_configure(config):
         torch.set_default_device("cuda")
         return
     os.environ["TRITON_INTERPRET"] = "1"
+    # The tests' tensors are tiny, so intra-op threads only add synchronisation: on 2 busy cores a
+    # 60 x 60 float64 gradient-descent loop (tests/test_deep_factorization.py) took 13 s with 2
+    # threads and 0.2 s with 1, and three of the larger test files used a quarter less CPU. One
+    # thread also leaves the other cores to the subprocesses the tests start (background.py).
+    torch.set_num_threads(1)
     from pefttriton.kernels import launch
 
     if not launch.INTERPRET:  # pragma: no cover - only when something imported pefttriton too early
@@ -113,3 +124,22 @@ def gen():
     """A seeded generator on the test device, so every test draws the same inputs on every run."""
     return torch.Generator(device=DEVICE).manual_seed(1234)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_jobs(request, tmp_path_factory):
+    """Starts, before the first test, the subprocesses whose results selected tests read later
+    (tests/background.py: the DDP/FSDP workers, the torchrun example, the kernel report's sample);
+    ends any still running at the end of the session."""
+    jobs = background.start_needed(request.session.items, tmp_path_factory)
+    yield
+    for job in jobs:
+        job.stop()
+
+
+@pytest.fixture(scope="session")
+def distributed_runs():
+    """The 2-process gloo runs of tests/test_ddp.py and tests/test_fsdp.py, one pair of worker
+    processes per backend (tests/distributed_workers.py); ``.results(backend, module)`` gives both
+    ranks' results, or fails the test when that backend's workers failed."""
+    return distributed_workers.RUNS

@@ -1,5 +1,6 @@
 """The backend and GEMM-mode state: context-local overrides, validated environment, one path per call."""
 
+import json
 import os
 import subprocess
 import sys
@@ -90,23 +91,68 @@ def test_backward_runs_the_path_of_its_forward(gen, monkeypatch):
     assert calls["lowrank_grads"] == 1
 
 
-@pytest.mark.parametrize("variable,value", [("PEFTTRITON_BACKEND", "Torch"), ("PEFTTRITON_STRATEGY", "cublas"),
-                                            ("PEFTTRITON_GEMM_MODE", "splitt")])
-def test_bad_environment_fails_at_import(variable, value):
-    env = {**os.environ, variable: value}
-    proc = subprocess.run([sys.executable, "-c", "import pefttriton"], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert variable in proc.stderr and repr(value) in proc.stderr
-
-
-@pytest.mark.parametrize("variables,expected", [
+# The environment is read when pefttriton is imported, so each setting needs a fresh import: one
+# subprocess imports torch and triton (most of the start-up), then forks one child per setting,
+# which sets the environment and imports pefttriton afresh (its output and exit code reported per
+# setting, so each test fails on its own).
+_FRESH_IMPORTS = r"""
+import json, os, sys, tempfile, traceback
+import torch, triton
+assert "pefttriton" not in sys.modules
+results = {}
+for name, (env, code) in json.loads(sys.stdin.read()).items():
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        os.environ.clear(); os.environ.update(env)
+        status = 0
+        try:
+            exec(code, {"__name__": "__main__"})
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(status)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    out.seek(0); err.seek(0)
+    results[name] = {"returncode": status, "stdout": out.read(), "stderr": err.read()}
+print(json.dumps(results))
+"""
+BAD_ENVIRONMENT = [("PEFTTRITON_BACKEND", "Torch"), ("PEFTTRITON_STRATEGY", "cublas"), ("PEFTTRITON_GEMM_MODE", "splitt")]
+GOOD_ENVIRONMENT = [
     ({"PEFTTRITON_BACKEND": "torch", "PEFTTRITON_STRATEGY": "weight"}, ["torch", "weight"]),
     ({"PEFTTRITON_GEMM_MODE": "split"}, ["auto", "split"]),  # the deprecated name still works
     ({"PEFTTRITON_GEMM_MODE": "split", "PEFTTRITON_STRATEGY": "lean"}, ["auto", "lean"]),
-])
-def test_good_environment_sets_defaults(variables, expected):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTTRITON_") or k == "PEFTTRITON_TEST_DEVICE"}
-    env.update(variables)
+]
+
+
+@pytest.fixture(scope="module")
+def fresh_imports():
+    """{setting: returncode, stdout, stderr of ``import pefttriton`` in a fresh child}."""
+    cases = {}
+    for variable, value in BAD_ENVIRONMENT:
+        cases[f"{variable}={value}"] = ({**os.environ, variable: value}, "import pefttriton")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PEFTTRITON_") or k == "PEFTTRITON_TEST_DEVICE"}
     code = "import pefttriton; print(pefttriton.get_backend(), pefttriton.get_strategy())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == expected
+    for variables, _ in GOOD_ENVIRONMENT:
+        cases[repr(variables)] = ({**clean, **variables}, code)
+    proc = subprocess.run([sys.executable, "-c", _FRESH_IMPORTS], input=json.dumps(cases), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("variable,value", BAD_ENVIRONMENT)
+def test_bad_environment_fails_at_import(variable, value, fresh_imports):
+    result = fresh_imports[f"{variable}={value}"]
+    assert result["returncode"] != 0
+    assert variable in result["stderr"] and repr(value) in result["stderr"]
+
+
+@pytest.mark.parametrize("variables,expected", GOOD_ENVIRONMENT)
+def test_good_environment_sets_defaults(variables, expected, fresh_imports):
+    result = fresh_imports[repr(variables)]
+    assert result["returncode"] == 0, result["stderr"][-3000:]
+    assert result["stdout"].split() == expected

@@ -10,8 +10,10 @@ started from ``d_initial = 0.105`` instead of 0.1 differs by 8e-4 within the 50 
 below to exceed 10x the bound).
 
 The Triton backend runs in the CPU interpreter (about 1.2 s per training step for this model), so
-it is held to the same bound for the first 4 steps only; its per-kernel agreement with the
-reference is covered in tests/test_lowrank_linear.py.
+it is held to the same bound for the first 3 steps only: the first loss checks the forward, the
+second the first update (Adam's first step follows the gradients' signs), the third the second
+update (the ratio of two steps' gradients); a fourth step exercises nothing new. Its per-kernel
+agreement with the reference is covered in tests/test_lowrank_linear.py.
 """
 
 import warnings
@@ -27,7 +29,7 @@ from pefttriton.integration.injection import inject
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, SEED, LR = 16, 1, 2e-2
 TOL = 1e-5
-STEPS = {"torch": 50, "triton": 4}
+STEPS = {"torch": 50, "triton": 3}
 
 
 def _losses(model, steps):

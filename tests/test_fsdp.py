@@ -1,15 +1,15 @@
 """FSDP2 on the CPU: 2 gloo processes shard models with fused adapters (``fully_shard``).
 
-The workers are this file run as a script (``python test_fsdp.py --worker ...``), started once for
-the whole module by a fixture, talking over 127.0.0.1 only (a free port picked by the OS,
-``GLOO_SOCKET_IFNAME=lo``), with a hard timeout. One pair of processes runs every configuration;
-meanwhile the test process computes the single-process references. Each rank takes half of every
-batch and FSDP2 averages the gradients (reduce-scatter), so every gradient, gathered with
-``full_tensor()``, must equal the single-process gradient of the full batch (the losses are means
-over equally many tokens per half).
+The workers run :func:`worker`: one pair of processes per backend, shared with tests/test_ddp.py
+and started in the background with the test session (tests/distributed_workers.py),
+talking over 127.0.0.1 only, with a hard timeout; the test process computes the single-process
+references. A failure of the interpreted Triton workers fails the Triton test alone. Each rank
+takes half of every batch and FSDP2 averages the gradients (reduce-scatter), so every gradient,
+gathered with ``full_tensor()``, must equal the single-process gradient of the full batch (the
+losses are means over equally many tokens per half).
 
-Configurations (kernels on the ``torch`` backend; the residual stack also on ``triton``, in the
-interpreter):
+Configurations (kernels on the ``torch`` backend, run by the torch workers; the residual stack
+also on ``triton``, in the interpreter, run by the triton workers):
 
 * ``residual``: a stack of fused layers (VeRA, LoRA, Deep LoRA, LoRMA plus), each followed by an
   in-place residual ``h = layer(x); h += x``, ``fully_shard`` on every fused layer and the root.
@@ -27,20 +27,21 @@ interpreter):
 
 Each Llama run saves its adapter with :func:`pefttriton.integration.distributed.save_sharded_adapter` (DCP,
 each rank its shards); the test loads it into unsharded models, bit-exact, and a worker loads it
-back into a freshly sharded one. A last test launches ``examples/fsdp_train.py`` with torchrun.
+back into a freshly sharded one. A last test reads ``examples/fsdp_train.py`` run with torchrun (in the
+background too).
 """
 
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import background
 import pytest
 import torch
+from distributed_workers import TIMEOUT_S, free_port, worker_env
 from helpers import rel_err, tiny_llama
 from torch import nn
 
@@ -50,7 +51,6 @@ pytestmark = pytest.mark.cpu_only
 WORLD = 2
 STEPS = 2
 KINDS = ("vera", "lora", "deep_lora", "lorma")
-TIMEOUT_S = 150
 VIEW_WARNING = "returned a view tensor"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,10 +196,10 @@ def _projections_report(model: nn.Module) -> dict:
     return report
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
+def worker(backend: str, rank: int, out_dir) -> dict:
+    """One rank's FSDP2 runs under ``backend`` (in a worker process of distributed_workers.py): the
+    residual stack on either backend; the Llama runs, the view control, bf16 and checkpointing
+    with the torch workers."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -211,11 +211,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     import pefttriton
     from pefttriton.integration.distributed import adapter_state_dict, load_sharded_adapter, save_sharded_adapter
 
-    os.environ["RANK"] = str(rank)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
     mesh = init_device_mesh("cpu", (WORLD,))
     out = Path(out_dir)
     half = slice(rank * 2, rank * 2 + 2)
@@ -306,49 +301,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         return {"history": history, "final": final, "forward_calls": len(calls), "wrapped_names": names,
                 "saved": saved}
 
-    timed("residual_torch", lambda: residual("torch"))
-    timed("residual_triton", lambda: residual("triton"))
-    timed("view_control", view_control)
-    for kind in KINDS:
-        timed(kind, lambda kind=kind: llama(kind))
-    timed("bf16", bf16)
-    timed("checkpointing", checkpointing)
-    results["times"] = times
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_env() -> dict:
-    # The workers import helpers (tests/) and, like pytest, find the repository root on the path.
-    here = Path(__file__).resolve().parent
-    pythonpath = os.pathsep.join([str(here), str(here.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {
-        **os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
-        "PYTHONPATH": pythonpath,
-    }
-
-
-def _references() -> dict:
-    """The single-process runs on the full batch, in this process."""
-    import pefttriton
-
-    refs = {}
-    for backend in ("torch", "triton"):
-        with pefttriton.use_backend(backend):
-            x = _residual_input()
-            refs[f"residual_{backend}"] = _train(_residual_stack(), lambda m: m(x).pow(2).mean(), 1)[0]
-    with pefttriton.use_backend("torch"):
+    timed("residual", lambda: residual(backend))
+    if backend == "torch":
+        timed("view_control", view_control)
         for kind in KINDS:
-            refs[kind] = _train(_llama(kind), lambda m: _lm_loss(m, _batch()), STEPS)
-        refs["mixed"] = _train(_llama("mixed"), lambda m: _lm_loss(m, _batch()), STEPS)
-        refs["mixed_bf16"] = _train(_bf16_params(_llama("mixed")), lambda m: _lm_loss(m, _batch()), 1)
-    return refs
+            timed(kind, lambda kind=kind: llama(kind))
+        timed("bf16", bf16)
+        timed("checkpointing", checkpointing)
+    results["times"] = times
+    return results
 
 
 def _bf16_params(model: nn.Module) -> nn.Module:
@@ -360,35 +321,19 @@ def _bf16_params(model: nn.Module) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    port = _free_port()
-    start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(rank), str(port), str(out)],
-            env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    try:
-        refs = _references()  # while the workers run
-        logs = []
-        deadline = start + TIMEOUT_S
-        for proc in procs:
-            logs.append(proc.communicate(timeout=max(1.0, deadline - time.perf_counter()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"FSDP workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs):
-        # A segfault shows as returncode -11.
-        assert proc.returncode == 0, f"worker exited with {proc.returncode}:\n{log[-3000:]}"
-    elapsed = time.perf_counter() - start
-    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
-    return {"ranks": results, "refs": refs, "out": out, "elapsed": elapsed}
+def fsdp_run(distributed_runs):
+    """The torch workers' results (every configuration), their folder (the checkpoints) and the
+    single-process references on the full batch, computed in this process."""
+    import pefttriton
+
+    refs = {}
+    with pefttriton.use_backend("torch"):
+        for kind in KINDS:
+            refs[kind] = _train(_llama(kind), lambda m: _lm_loss(m, _batch()), STEPS)
+        refs["mixed"] = _train(_llama("mixed"), lambda m: _lm_loss(m, _batch()), STEPS)
+        refs["mixed_bf16"] = _train(_bf16_params(_llama("mixed")), lambda m: _lm_loss(m, _batch()), 1)
+    ranks = distributed_runs.results("torch", "test_fsdp")
+    return {"ranks": ranks, "refs": refs, "out": distributed_runs.folder_of("torch")}
 
 
 # ------------------------------------------------------------------------------ tests
@@ -412,19 +357,23 @@ def _assert_same_run(ranks, ref_history, name, tol):
     return worst
 
 
-def test_in_place_residual_under_fsdp2(fsdp_run):
-    ranks, refs = fsdp_run["ranks"], fsdp_run["refs"]
-    for backend in ("torch", "triton"):
-        name = f"residual_{backend}"
-        grads = refs[name][0][1]
-        assert len(grads) == 9 and all(g.abs().max() > 0 for g in grads.values())  # 2 + 2 + 3 + 2 adapter tensors
-        err = _assert_same_run(ranks, refs[name], name, 2e-6)
-        print(f"{name}: max relative gradient error {err:.1e}")
-        for rank in ranks:
-            assert rank[name]["view_warnings"] == []
-            assert rank[name]["path"] in (("fused", "split") if backend == "triton" else ("lean", "weight"))
-    # the control: a view returned by a wrapped module is reported, so the check above is live
-    assert all(len(rank["view_control"]["view_warnings"]) > 0 for rank in ranks)
+def test_in_place_residual_under_fsdp2(backend, distributed_runs):
+    ranks = distributed_runs.results(backend, "test_fsdp")  # this backend's workers
+    x = _residual_input()
+    ref = _train(_residual_stack(), lambda m: m(x).pow(2).mean(), 1)[0]  # under the backend fixture
+    grads = ref[0][1]
+    assert len(grads) == 9 and all(g.abs().max() > 0 for g in grads.values())  # 2 + 2 + 3 + 2 adapter tensors
+    err = _assert_same_run(ranks, ref, "residual", 2e-6)
+    print(f"residual ({backend}): max relative gradient error {err:.1e}")
+    for rank in ranks:
+        assert rank["residual"]["view_warnings"] == []
+        assert rank["residual"]["path"] in (("fused", "split") if backend == "triton" else ("lean", "weight"))
+
+
+def test_view_warning_is_caught(fsdp_run):
+    """The control: a view returned by a wrapped module is reported, so the checks for no such
+    warning are live (the workers of both backends record warnings with the same code)."""
+    assert all(len(rank["view_control"]["view_warnings"]) > 0 for rank in fsdp_run["ranks"])
 
 
 def test_fused_outputs_are_not_views(backend):
@@ -663,25 +612,37 @@ def test_bad_setting_in_metadata_changes_nothing(tmp_path):
     assert settings == {n: (m.alpha, m.dropout) for n, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
-def test_worker_wall_time(fsdp_run):
-    times = fsdp_run["ranks"][0]["times"]
-    print("worker seconds per configuration:", {k: round(v, 1) for k, v in times.items()})
-    assert fsdp_run["elapsed"] < TIMEOUT_S
+def test_worker_wall_time(backend, distributed_runs):
+    times = distributed_runs.results(backend, "test_fsdp")[0]["times"]
+    print(f"{backend} worker seconds per configuration:", {k: round(v, 1) for k, v in times.items()})
+    # (the workers run in the background; what a test waits is what the suite pays)
+    print(f"{backend}: a test waited {distributed_runs.waited[(backend, 'test_fsdp')]:.1f} s for the FSDP results")
+    assert sum(times.values()) < TIMEOUT_S
 
 
 # ------------------------------------------------------------------------------ the example
 
 
-def test_example_fsdp_train_runs_under_torchrun(tmp_path):
-    out = tmp_path / "adapter"
-    cmd = [
+def _example_command(folder, items):
+    return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(ROOT / "examples" / "fsdp_train.py"), "--steps", "4", "--out", str(out),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(ROOT / "examples" / "fsdp_train.py"), "--steps", "4", "--out", str(folder / "adapter"),
     ]
-    try:
-        proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
+
+
+# torchrun runs the example in the background from the start of the session (tests/background.py).
+EXAMPLE = background.Job("fsdp_example_run", _example_command, TIMEOUT_S, env=worker_env, cwd="folder")
+
+
+@pytest.fixture
+def fsdp_example_run():
+    return EXAMPLE.wait(), EXAMPLE.folder / "adapter"
+
+
+def test_example_fsdp_train_runs_under_torchrun(fsdp_example_run):
+    proc, out = fsdp_example_run
+    if proc.returncode is None:
         pytest.fail(f"examples/fsdp_train.py did not finish within {TIMEOUT_S} s")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -703,11 +664,3 @@ def test_example_fsdp_train_runs_under_torchrun(tmp_path):
         loss = example.loss_fn(model, example.batch(0, 1)).item()
     assert abs(loss - float(final[0].split()[-1])) < 1e-4 * abs(loss)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        # The interpreter must be on before pefttriton is imported, as under pytest (conftest.py).
-        os.environ["TRITON_INTERPRET"] = "1"
-        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-    else:
-        raise SystemExit("usage: python test_fsdp.py --worker RANK PORT OUT_DIR")

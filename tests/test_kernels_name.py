@@ -20,18 +20,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPI_KERNELS = importlib.util.find_spec("kernels") is not None and importlib.util.find_spec("kernels").origin is not None
 
 
+def _root_env() -> dict:
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
+
+
 def run_from_root(code: str) -> dict:
     """Runs ``code`` with the repository root first on ``sys.path``; returns what it printed as JSON."""
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"},
-    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=_root_env())
+    return _printed(done)
+
+
+def _printed(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -45,11 +52,7 @@ def test_layout():
     assert (ROOT / "kernels" / "lowrank_linear.py").is_file()
 
 
-@pytest.mark.skipif(not PYPI_KERNELS, reason="the PyPI package kernels is not installed (transformers < 5.25)")
-def test_pypi_kernels_wins_from_the_repository_root():
-    """``import kernels`` is the PyPI package, transformers' hub integration imports from it, a
-    transformers model builds, and ``pefttriton.kernels`` is still this repository's kernels."""
-    code = """
+_PYPI_KERNELS_CODE = """
 import json, os, sys
 assert sys.path[0] in ('', os.getcwd())
 import kernels
@@ -62,7 +65,25 @@ import pefttriton.kernels.launch as launch
 print(json.dumps({"kernels": os.path.realpath(kernels.__file__), "hub": hasattr(hub, "CUDAProperties"),
                   "launch": os.path.realpath(launch.__file__), "params": sum(p.numel() for p in model.parameters())}))
 """
-    found = run_from_root(code)
+
+
+# It builds a transformers model in a fresh interpreter (a few seconds): in the background from the
+# start of the session (tests/background.py).
+PYPI_KERNELS_RUN = background.Job(
+    "pypi_kernels_run", lambda folder, items: [sys.executable, "-c", _PYPI_KERNELS_CODE], 300, env=_root_env, cwd=ROOT)
+
+
+@pytest.fixture
+def pypi_kernels_run():
+    return PYPI_KERNELS_RUN.wait()
+
+
+@pytest.mark.skipif(not PYPI_KERNELS, reason="the PyPI package kernels is not installed (transformers < 5.25)")
+def test_pypi_kernels_wins_from_the_repository_root(pypi_kernels_run):
+    """``import kernels`` is the PyPI package, transformers' hub integration imports from it, a
+    transformers model builds, and ``pefttriton.kernels`` is still this repository's kernels."""
+    assert pypi_kernels_run.returncode is not None, "did not finish within 300 s"
+    found = _printed(pypi_kernels_run)
     assert not found["kernels"].startswith(str(ROOT) + "/"), found
     assert found["hub"] and found["params"] > 0
     assert found["launch"] == str((ROOT / "kernels" / "launch.py").resolve())

@@ -1,27 +1,44 @@
 """Compile every Triton kernel of pefttriton for real GPUs, on any machine, and report its resources.
 
-    python -m pefttriton.tools.kernel_report [--targets 80,90] [--dtypes fp16,bf16,fp32] [--json FILE]
+    python -m pefttriton.tools.kernel_report [--targets 80,90] [--dtypes fp16,bf16,fp32,tf32] [--json FILE]
+    python -m pefttriton.tools.kernel_report --update [--workers 2]     # rewrite the committed report
+    python -m pefttriton.tools.kernel_report --sample results/kernel-report.json [--json FILE]
 
 Triton compiles ahead of time for a named target without a GPU: ``triton.compile`` turns each
 kernel, at each shipped autotune config and each way the ops launch it, into a cubin for sm_80
 (A100) and sm_90 (H100); ``cuobjdump`` (shipped in the triton wheel) then reads registers and
 stack bytes per thread. STACK > 0 means register spills. Tensor-core use is read off the PTX
 (``mma.sync`` on sm_80, ``wgmma`` on sm_90). The interpreter accepts code the compiler rejects, so
-this report is the check that the kernels are real GPU code.
+this report is the check that the kernels are real GPU code. Each row also gives the occupancy its
+registers, shared memory and warps allow (:func:`occupancy`).
 
 Launches are specialised as on a typical GPU run: pointers and the leading dimensions 16-byte
-aligned, unit strides as constants, the rank not assumed to be a multiple of 16.
+aligned, unit strides as constants, the rank not assumed to be a multiple of 16. Shapes that are
+not multiples of 16 (a hidden size of 13, an odd token count) compile another specialisation, with
+no divisibility hint on any integer argument: every call site is also compiled so, once per dtype
+and target, at its largest tile (rows marked ``unaligned``).
+
+Compiling everything takes minutes, so the report is committed (``--update`` writes
+``results/kernel-report.json`` and the generated part of ``results/kernel-report.md``) with a
+fingerprint of what it covers: the hash of the kernel sources (``kernels/*.py``) and of every job's
+full specification (call site, config, dtype, target, signature, constants, alignment hints). The
+test suite checks that fingerprint against today's code, and compiles only a sample afresh
+(``--sample``: the rows nearest to spilling, plus a tile that must spill).
 """
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import tokenize
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -32,10 +49,58 @@ from pefttriton.kernels import lowrank_linear as lk
 from pefttriton.kernels import vera_bank as vb
 
 _KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp, "vera_bank": vb}
+KERNELS_DIR = Path(lk.__file__).resolve().parent
+"""The kernel sources (``kernels/`` of the repository, installed as ``pefttriton.kernels``)."""
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"
+"""Where ``--update`` writes the committed report: ``results/`` of the repository checkout."""
+REPORT_JSON = "kernel-report.json"
+REPORT_MD = "kernel-report.md"
+UPDATE_COMMAND = "python -m pefttriton.tools.kernel_report --update"
 
+TARGETS = (80, 90)
+DTYPES = ("fp16", "bf16", "fp32", "tf32")
 _TRITON_TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # Largest shared memory one block may use: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+# Per-SM resources of sm_80 and sm_90 (CUDA C++ Programming Guide, compute capability tables; the
+# allocation units are the CUDA occupancy calculator's).
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT = 256  # registers are allocated per warp, in units of 256
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # with the largest shared-memory carveout
+SHARED_UNIT = 128  # shared memory is allocated per block, in units of 128 bytes
+SHARED_RESERVED = 1024  # the CUDA runtime reserves 1 KiB of shared memory per block
+MAX_BLOCKS_PER_SM = 32
+MAX_WARPS_PER_SM = 64  # 2048 threads
+
+
+def _ceil_to(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, cc: int) -> tuple[int, str]:
+    """Resident blocks per SM for a kernel, and the resource that limits them (sm_80, sm_90).
+
+    With R registers per thread, S bytes of shared memory and W warps per block::
+
+        by registers     floor(floor(65536 / ceil_256(32 R)) / W)   registers allocated per warp
+        by shared memory floor(S_SM / (ceil_128(S) + 1024))         S_SM = 164 KiB (sm_80), 228 KiB (sm_90)
+        by warps         floor(64 / W)                              2048 threads per SM
+        by blocks        32
+
+    The blocks per SM are the least of the four (the first limit named on a tie); the warps per SM
+    are blocks x W, out of 64. ``ceil_u(v)`` rounds v up to a multiple of u. This is the occupancy
+    calculator's rule, for the largest shared-memory carveout (the driver's choice on a real run
+    may leave less).
+    """
+    limits = {
+        "registers": (REGISTERS_PER_SM // _ceil_to(32 * registers, REGISTER_UNIT)) // num_warps,
+        "shared memory": SHARED_PER_SM[cc] // (_ceil_to(shared_bytes, SHARED_UNIT) + SHARED_RESERVED),
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
 
 
 @dataclass(frozen=True)
@@ -140,6 +205,21 @@ def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
 
 
+def largest_config(variant: Variant, dtype: str) -> int:
+    """Index of the config with the largest tile (product of its block sizes), then the most warps
+    and stages: the one an unaligned specialisation is compiled at (the likeliest to spill)."""
+    configs = _configs(variant, dtype)
+
+    def size(i):
+        c = configs[i]
+        volume = 1
+        for name, value in c.kwargs.items():
+            volume *= value if name.startswith("BLOCK_") else 1
+        return volume, c.num_warps, c.num_stages
+
+    return max(range(len(configs)), key=size)
+
+
 @dataclass
 class Result:
     kernel: str
@@ -147,10 +227,15 @@ class Result:
     dtype: str
     target: str
     config: str
-    registers: int
-    stack_bytes: int
-    shared_bytes: int
-    tensor_cores: bool
+    aligned: bool  # False: no divisibility hint on any integer argument
+    num_warps: int
+    registers: int = -1
+    stack_bytes: int = -1
+    shared_bytes: int = -1
+    tensor_cores: bool = False
+    blocks_per_sm: int = -1
+    warps_per_sm: int = -1
+    occupancy_limit: str = ""  # the resource that limits blocks_per_sm (see occupancy())
     error: str = ""
 
     @property
@@ -158,6 +243,15 @@ class Result:
         """Compiled, no spills, and shared memory within the target's per-block limit."""
         cc = int(self.target.removeprefix("sm_"))
         return not self.error and self.stack_bytes == 0 and self.shared_bytes <= SHARED_LIMIT.get(cc, 0)
+
+    @property
+    def key(self) -> tuple:
+        return row_key(asdict(self))
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row of the report (a job): call site, alignment, dtype, target, config."""
+    return (row["variant"], "aligned" if row["aligned"] else "unaligned", row["dtype"], row["target"], row["config"])
 
 
 def _config_str(config: triton.Config, block_r: int | None) -> str:
@@ -168,7 +262,8 @@ def _config_str(config: triton.Config, block_r: int | None) -> str:
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
-def _source(variant: Variant, config: triton.Config, dtype: str, input_precision: str) -> ASTSource:
+def _spec(variant: Variant, config: triton.Config, dtype: str, input_precision: str, aligned: bool = True):
+    """(signature, constexprs, arguments with a divisibility-by-16 hint) of one specialisation."""
     fn = getattr(_KERNEL_MODULES[variant.module], variant.kernel).fn  # the JITFunction under the autotuner
     constexprs = dict(variant.flags)
     constexprs.update(config.kwargs)
@@ -178,25 +273,38 @@ def _source(variant: Variant, config: triton.Config, dtype: str, input_precision
     if variant.block_r is not None:
         block_m, block_r = lk.grad_blocks(variant.block_r)
         constexprs.update(BLOCK_M=block_m, BLOCK_R=block_r)
-    for stride in variant.unit_strides:
+    for stride in variant.unit_strides:  # Triton specialises an int equal to 1 whatever its alignment
         constexprs[stride] = 1
-    signature, aligned = {}, []
-    for i, arg in enumerate(fn.arg_names):
+    signature, aligned_args = {}, []
+    for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg in variant.int_pointers:
             signature[arg] = "*i32"
-            aligned.append(i)
-        elif arg.endswith("_ptr"):
+            aligned_args.append(arg)
+        elif arg.endswith("_ptr"):  # torch's allocations start 16-byte aligned (256 bytes on CUDA)
             signature[arg] = "*fp32" if arg in variant.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
-            aligned.append(i)
+            aligned_args.append(arg)
         elif arg == "scale":
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg != "R":  # token and feature counts, leading strides: multiples of 16 in practice
-                aligned.append(i)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+            # token and feature counts, leading strides: multiples of 16 in practice (not the rank)
+            if aligned and arg != "R":
+                aligned_args.append(arg)
+    return fn, signature, constexprs, aligned_args
+
+
+def _precision(dtype: str) -> tuple[str, str]:
+    """(pointer dtype, dot input precision): fp32 runs IEEE dots by default (torch's allow_tf32 is
+    off); ``tf32`` is fp32 inputs with TF32 dots."""
+    return ("fp32", "tf32") if dtype == "tf32" else (dtype, "ieee")
+
+
+def _source(variant: Variant, config: triton.Config, dtype: str, aligned: bool = True) -> ASTSource:
+    ptr_dtype, precision = _precision(dtype)
+    fn, signature, constexprs, aligned_args = _spec(variant, config, ptr_dtype, precision, aligned)
+    attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned_args}
     return ASTSource(fn, signature, constexprs, attrs)
 
 
@@ -204,16 +312,18 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_one(variant: Variant, config_index: int, dtype: str, cc: int) -> Result:
-    """Compile one (variant, config, dtype, target) and read its resource usage."""
-    config = _configs(variant, dtype)[config_index]
-    result = Result(variant.kernel, variant.name, dtype, f"sm_{cc}", _config_str(config, variant.block_r), -1, -1, -1, False)
-    # fp32 runs with IEEE dots by default (torch's allow_tf32 is off); TF32 is compiled too, see main().
-    precision = "tf32" if dtype == "tf32" else "ieee"
-    ptr_dtype = "fp32" if dtype == "tf32" else dtype
+def compile_one(variant: Variant, config_index: int, dtype: str, cc: int, aligned: bool = True) -> Result:
+    """Compile one (variant, config, dtype, target, alignment) and read its resource usage."""
+    return compile_config(variant, _configs(variant, dtype)[config_index], dtype, cc, aligned)
+
+
+def compile_config(variant: Variant, config: triton.Config, dtype: str, cc: int, aligned: bool = True) -> Result:
+    """Compile a call site at any config (shipped or not) and read its resource usage."""
+    result = Result(variant.kernel, variant.name, dtype, f"sm_{cc}", _config_str(config, variant.block_r),
+                    aligned, config.num_warps)
     try:
         compiled = triton.compile(
-            _source(variant, config, ptr_dtype, precision),
+            _source(variant, config, dtype, aligned),
             target=GPUTarget("cuda", cc, 32),
             options={"num_warps": config.num_warps, "num_stages": config.num_stages},
         )
@@ -233,67 +343,266 @@ def compile_one(variant: Variant, config_index: int, dtype: str, cc: int) -> Res
     result.shared_bytes = int(getattr(compiled.metadata, "shared", 0))
     ptx = compiled.asm["ptx"]
     result.tensor_cores = ("wgmma" in ptx) if cc >= 90 else ("mma.sync" in ptx)
+    result.blocks_per_sm, result.occupancy_limit = occupancy(
+        max(result.registers, 1), result.shared_bytes, config.num_warps, cc)
+    result.warps_per_sm = result.blocks_per_sm * config.num_warps
     return result
 
 
-def jobs(targets=(80, 90), dtypes=("fp16", "bf16", "fp32", "tf32")) -> list[tuple]:
-    return [
-        (variant, index, dtype, cc)
-        for variant in variants()
-        for dtype in dtypes
-        # The LoRMA-pi launchers upcast 16-bit factors to fp32: only fp32 pointers are ever launched.
-        if variant.module != "lorma_pi" or dtype in ("fp32", "tf32")
-        for index in range(len(_configs(variant, dtype)))
-        for cc in targets
-    ]
+def jobs(targets=TARGETS, dtypes=DTYPES) -> list[tuple]:
+    """(variant, config index, dtype, target, aligned): every shipped config, then the unaligned
+    specialisation at the largest one, per call site, dtype and target."""
+    work = []
+    for variant in variants():
+        for dtype in dtypes:
+            # The LoRMA-pi launchers upcast 16-bit factors to fp32: only fp32 pointers are ever launched.
+            if variant.module == "lorma_pi" and dtype not in ("fp32", "tf32"):
+                continue
+            work += [(variant, i, dtype, cc, True) for i in range(len(_configs(variant, dtype))) for cc in targets]
+            work += [(variant, largest_config(variant, dtype), dtype, cc, False) for cc in targets]
+    return work
+
+
+def job_key(job) -> tuple:
+    """The key (:func:`row_key`) of the row a job produces, without compiling it."""
+    variant, index, dtype, cc, aligned = job
+    config = _configs(variant, dtype)[index]
+    return (variant.name, "aligned" if aligned else "unaligned", dtype, f"sm_{cc}", _config_str(config, variant.block_r))
+
+
+def job_spec(job) -> dict:
+    """Everything that decides what a job compiles, but the kernel sources and Triton itself."""
+    variant, index, dtype, cc, aligned = job
+    config = _configs(variant, dtype)[index]
+    ptr_dtype, precision = _precision(dtype)
+    fn, signature, constexprs, aligned_args = _spec(variant, config, ptr_dtype, precision, aligned)
+    return {"key": job_key(job), "kernel": variant.kernel, "signature": signature, "constexprs": constexprs,
+            "divisible_by_16": aligned_args, "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "target": cc}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def code_without_comments(source: str) -> str:
+    """The source with its comments, trailing blanks and blank lines removed: what the compiler sees
+    (a comment beside a config, the usual note of a spill found, needs no new report)."""
+    lines = source.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:  # one line each; a '#' inside a string is no comment
+            row, col = token.start
+            lines[row - 1] = lines[row - 1][:col]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+def kernel_sources_hash() -> str:
+    """sha256 over the kernel sources, comments left out: every ``kernels/*.py``, in name order."""
+    h = hashlib.sha256()
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + code_without_comments(path.read_text()).encode() + b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(work=None) -> dict:
+    """What a report covers: the installed Triton, the kernel sources and the jobs' specifications."""
+    work = jobs() if work is None else work
+    specs = json.dumps([job_spec(job) for job in work], sort_keys=True, default=str).encode()
+    return {"triton": triton.__version__, "kernel_sources": kernel_sources_hash(), "jobs": _sha256(specs),
+            "n_jobs": len(work)}
 
 
 def _run(job):
     return compile_one(*job)
 
 
-def run(targets=(80, 90), dtypes=("fp16", "bf16", "fp32", "tf32"), workers: int | None = None) -> list[Result]:
-    """Compile everything in parallel processes; results in job order."""
-    work = jobs(targets, dtypes)
-    workers = workers or os.cpu_count() or 1
+def run_jobs(work: list, workers: int | None = None) -> list[Result]:
+    """Compile the jobs in parallel processes; results in job order."""
+    workers = min(workers or os.cpu_count() or 1, len(work) or 1)
     if workers == 1:
         return [_run(job) for job in work]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_run, work, chunksize=4))
+        return list(pool.map(_run, work, chunksize=1 if len(work) < 200 else 4))
+
+
+def run(targets=TARGETS, dtypes=DTYPES, workers: int | None = None) -> list[Result]:
+    """Compile everything in parallel processes; results in job order."""
+    return run_jobs(jobs(targets, dtypes), workers)
+
+
+# ------------------------------------------------------------------------------ the sample
+
+
+def sample_jobs(rows: list[dict]) -> list[tuple]:
+    """The jobs nearest to spilling, from a report's rows (today's jobs only).
+
+    Spills come when registers run out (255 per thread at most), so the rows with the most
+    registers are the first to spill when Triton or a kernel changes: per call site and target the
+    aligned row with the most registers (ties: more shared memory), and per kernel and target the
+    unaligned row with the most. Rows that failed or spill in the report are left out (findings
+    already, not checks). Heaviest first, so that parallel workers finish together.
+    """
+    by_key = {job_key(job): job for job in jobs()}
+    best = {}
+    for row in rows:
+        job = by_key.get(row_key(row))
+        if job is None or row["error"] or row["stack_bytes"] != 0:
+            continue
+        group = (row["variant"] if row["aligned"] else row["kernel"], row["aligned"], row["target"])
+        weight = (row["registers"], row["shared_bytes"])
+        if group not in best or weight > best[group][0]:
+            best[group] = (weight, job)
+    return [job for _, job in sorted(best.values(), key=lambda item: item[0], reverse=True)]
+
+
+# A tile that must spill: the down projection's accumulator alone, 64 x 256 fp32 values over
+# 2 warps, is 256 registers per thread, more than the 255 a thread can have. It compiles in about
+# half a second, so it shows cheaply that spills are read and flagged.
+CONTROL_CONFIG = lk.gemm_config(64, 256, 16, 2, 1)
+CONTROL_VARIANT = "down projection x A^T"
+
+
+def spill_control(cc: int = 80) -> Result:
+    """Compile :data:`CONTROL_CONFIG` at the down projection's call site, for 16-bit inputs."""
+    variant = next(v for v in variants() if v.name == CONTROL_VARIANT)
+    return compile_config(variant, CONTROL_CONFIG, "fp16", cc)
+
+
+# ------------------------------------------------------------------------------ output
 
 
 def format_table(results: list[Result]) -> str:
-    header = f"{'kernel / call site':44} {'dtype':5} {'target':6} {'config (blocks, warps, stages)':34} {'REG':>4} {'STACK':>5} {'SMEM':>6} TC"
+    header = (f"{'kernel / call site':44} {'ints':9} {'dtype':5} {'target':6} {'config (blocks, warps, stages)':30} "
+              f"{'REG':>4} {'STACK':>5} {'SMEM':>6} {'blk/SM':>6} {'warps/SM':>8} {'limit':13} TC")
     lines = [header, "-" * len(header)]
     for r in results:
+        ints = "aligned" if r.aligned else "unaligned"
         if r.error:
-            lines.append(f"{r.variant:44} {r.dtype:5} {r.target:6} {r.config:34} FAILED {r.error}")
+            lines.append(f"{r.variant:44} {ints:9} {r.dtype:5} {r.target:6} {r.config:30} FAILED {r.error}")
             continue
         flag = "" if r.ok else ("  <-- spills" if r.stack_bytes else "  <-- shared memory over the limit")
         lines.append(
-            f"{r.variant:44} {r.dtype:5} {r.target:6} {r.config:34} {r.registers:4d} {r.stack_bytes:5d} "
-            f"{r.shared_bytes:6d} {'yes' if r.tensor_cores else 'no'}{flag}"
+            f"{r.variant:44} {ints:9} {r.dtype:5} {r.target:6} {r.config:30} {r.registers:4d} {r.stack_bytes:5d} "
+            f"{r.shared_bytes:6d} {r.blocks_per_sm:6d} {r.warps_per_sm:8d} {r.occupancy_limit:13} "
+            f"{'yes' if r.tensor_cores else 'no'}{flag}"
         )
     bad = [r for r in results if not r.ok]
     lines.append(f"{len(results)} compiled kernels, {len(bad)} with spills, too much shared memory or errors")
     return "\n".join(lines)
 
 
+MD_BEGIN = f"<!-- generated by `{UPDATE_COMMAND}`: do not edit below this line -->"
+MD_END = "<!-- end of the generated part -->"
+
+
+def _summary(results: list[Result]) -> dict:
+    cc = {r.target: int(r.target.removeprefix("sm_")) for r in results}
+    ok = [r for r in results if not r.error]
+    return {
+        "compiled kernels": len(results),
+        "with spills": sum(r.stack_bytes > 0 for r in ok),
+        "shared memory over the limit": sum(r.shared_bytes > SHARED_LIMIT[cc[r.target]] for r in ok),
+        "errors": len(results) - len(ok),
+        "16-bit / tf32 without tensor cores": sum(r.dtype != "fp32" and not r.tensor_cores for r in ok),
+        "max registers": max((r.registers for r in ok), default=0),
+        "least warps per SM": min((r.warps_per_sm for r in ok), default=0),
+    }
+
+
+def format_markdown(results: list[Result], fp: dict) -> str:
+    """The generated part of ``results/kernel-report.md``: the summary, then every row."""
+    summary = _summary(results)
+    lines = [
+        MD_BEGIN, "",
+        f"triton {fp['triton']}; kernel sources sha256 `{fp['kernel_sources'][:16]}`; "
+        f"jobs sha256 `{fp['jobs'][:16]}` (the full fingerprint is in `{REPORT_JSON}`).", "",
+        "| " + " | ".join(["triton", "ints", *summary]) + " |",
+        "|" + "---|" * (len(summary) + 2),
+    ]
+    for ints in ("aligned", "unaligned"):
+        part = _summary([r for r in results if r.aligned == (ints == "aligned")])
+        lines.append("| " + " | ".join([fp["triton"], ints, *(str(v) for v in part.values())]) + " |")
+    lines += [
+        "",
+        "Occupancy: resident blocks and warps per SM (out of 64) allowed by the registers, the shared "
+        "memory and the warps of one block, and the resource that limits it (`occupancy()` in the tool "
+        "states the rule). `unaligned`: no integer argument known to be a multiple of 16.", "",
+        "| kernel / call site | ints | dtype | target | config | REG | STACK | SMEM | blocks/SM | warps/SM | limited by | TC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ints = "aligned" if r.aligned else "unaligned"
+        if r.error:
+            lines.append(f"| {r.variant} | {ints} | {r.dtype} | {r.target} | {r.config} | FAILED: {r.error} ||||||| ")
+            continue
+        lines.append(
+            f"| {r.variant} | {ints} | {r.dtype} | {r.target} | {r.config} | {r.registers} | {r.stack_bytes} | "
+            f"{r.shared_bytes} | {r.blocks_per_sm} | {r.warps_per_sm} | {r.occupancy_limit} | "
+            f"{'yes' if r.tensor_cores else 'no'} |"
+        )
+    lines += ["", MD_END, ""]
+    return "\n".join(lines)
+
+
+def report_json(results: list[Result], fp: dict) -> str:
+    """The report as JSON: the fingerprint, then one row per line (diffs show the rows that changed)."""
+    rows = ",\n".join("  " + json.dumps(asdict(r)) for r in results)
+    return f'{{"fingerprint": {json.dumps(fp, indent=1)},\n "results": [\n{rows}\n]}}\n'
+
+
+def write_report(results: list[Result], fp: dict, folder: Path = RESULTS_DIR) -> None:
+    """Write ``kernel-report.json`` and replace the generated part of ``kernel-report.md`` (the
+    notes above it are kept)."""
+    folder = Path(folder)
+    (folder / REPORT_JSON).write_text(report_json(results, fp))
+    md = folder / REPORT_MD
+    text = md.read_text() if md.exists() else "# Kernel report\n\n"
+    head = text.split(MD_BEGIN)[0].rstrip("\n") + "\n\n"
+    tail = text.split(MD_END, 1)[1].lstrip("\n") if MD_END in text else ""
+    md.write_text(head + format_markdown(results, fp) + tail)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma separated")
-    parser.add_argument("--dtypes", default="fp16,bf16,fp32,tf32", help="input dtypes (tf32: fp32 inputs, TF32 dots)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="input dtypes (tf32: fp32 inputs, TF32 dots)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--update", action="store_true",
+                        help=f"compile every job and rewrite {REPORT_JSON} and {REPORT_MD} in {RESULTS_DIR}")
+    parser.add_argument("--sample", metavar="REPORT",
+                        help="compile only the rows of this report nearest to spilling, and a tile that must spill")
     args = parser.parse_args(argv)
     targets = tuple(int(t) for t in args.targets.split(","))
     dtypes = tuple(args.dtypes.split(","))
-    results = run(targets, dtypes, args.workers)
+    control = None
+    if args.update and (targets, dtypes) != (TARGETS, DTYPES):
+        parser.error("--update writes the full report: no --targets or --dtypes")
+    if args.update and not (RESULTS_DIR / REPORT_MD).exists():
+        parser.error(f"--update needs a repository checkout: no {RESULTS_DIR / REPORT_MD}")
+    if args.sample:
+        with open(args.sample) as f:
+            work = sample_jobs(json.load(f)["results"])
+        results = run_jobs(work, args.workers)
+        control = spill_control()
+    else:
+        work = jobs(targets, dtypes)
+        results = run_jobs(work, args.workers)
     print(format_table(results))
+    if control is not None:
+        print(f"spill control ({CONTROL_VARIANT}, {control.config}, fp16, sm_80): stack {control.stack_bytes} bytes, "
+              f"{'flagged' if not control.ok else 'NOT FLAGGED'}")
+    fp = fingerprint(work)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
-    return 0 if all(r.ok for r in results) else 1
+            data = json.loads(report_json(results, fp))
+            if control is not None:
+                data["control"] = asdict(control)
+            json.dump(data, f, indent=1)
+    if args.update:
+        write_report(results, fp)
+        print(f"wrote {RESULTS_DIR / REPORT_JSON} and {RESULTS_DIR / REPORT_MD}")
+    return 0 if all(r.ok for r in results) and (control is None or not control.ok) else 1
 
 
 if __name__ == "__main__":
