@@ -115,6 +115,11 @@ class Variant:
     block_r: int | None = None  # BLOCK_R of the low-rank backward kernel
     module: str = "lowrank_linear"  # file of pefttriton/kernels/ that defines the kernel
     int_pointers: tuple = ()  # pointers to int32 (the VeRA bank's adapter ids)
+    i64_pointers: tuple = ()  # pointers to int64 (the dropout seed)
+    configs: str = "gemm"  # which configs the launch autotunes over: "gemm", "dropout" or "tma"
+    descriptors: tuple = ()  # (argument, (block key, block key)): tensor descriptors (TMA) and their tiles
+    targets: tuple | None = None  # compute capabilities it is launched on (None: every target)
+    dtypes: tuple | None = None  # input dtypes it is launched with (None: every dtype)
 
 
 def _gemm_variants():
@@ -142,6 +147,42 @@ def _gemm_variants():
         Variant(k, "split: grad_x += gh A", flags(False, False, True, False, False, True),
                 ("stride_hr", "stride_lbn", "stride_cn", "stride_yn"), ("h_ptr",)),
     ]
+
+
+def _dropout_variants():
+    """The launches that draw a dropout mask of the adapter's input X in their tiles (their own configs)."""
+    def flags(main, lowrank, accumulate, drop):
+        return (("HAS_MAIN", main), ("HAS_BIAS", False), ("HAS_LOWRANK", lowrank), ("HAS_D", False),
+                ("HAS_BVEC", False), ("ACCUMULATE", accumulate), ("C_IS_Y", True),
+                ("DROP_X", drop == "x"), ("DROP_W", drop == "w"), ("DROP_LOWRANK", drop == "lowrank"))
+
+    k = "_fused_gemm_dropout_kernel"
+    common = dict(i64_pointers=("seed_ptr",), configs="dropout")
+    return [
+        Variant(k, "dropout: drop(x) A^T", flags(True, False, False, "x"), ("stride_xk", "stride_wk", "stride_yn"),
+                ("y_ptr",), **common),
+        # grad_A = gh^T drop(x): gh (fp32) and x read transposed
+        Variant(k, "dropout: grad_A = gh^T drop(x)", flags(True, False, False, "w"), ("stride_xm", "stride_wn", "stride_yn"),
+                ("x_ptr", "y_ptr"), **common),
+        Variant(k, "dropout: grad_x += mask * (gh A)", flags(False, True, True, "lowrank"),
+                ("stride_hr", "stride_lbn", "stride_yn"), ("h_ptr",), **common),
+    ]
+
+
+def _tma_variants():
+    """The Hopper GEMM: every operand a tensor descriptor, a persistent tile loop; sm_90 only, 16-bit and TF32."""
+    k = "_fused_gemm_tma_kernel"
+
+    def variant(name, bias, kn):
+        w = ("BLOCK_K", "BLOCK_N") if kn else ("BLOCK_N", "BLOCK_K")
+        lb = ("BLOCK_R", "BLOCK_N") if kn else ("BLOCK_N", "BLOCK_R")
+        return Variant(k, name, (("HAS_BIAS", bias), ("HAS_LOWRANK", True), ("W_KN", kn), ("LB_KN", kn), ("BLOCK_R", 16)),
+                       ("stride_yn",), configs="tma", targets=(90,), dtypes=("fp16", "bf16", "tf32"),
+                       descriptors=(("x_desc", ("BLOCK_M", "BLOCK_K")), ("w_desc", w),
+                                    ("h_desc", ("BLOCK_M", "BLOCK_R")), ("lb_desc", lb)))
+
+    return [variant("TMA forward: x W^T + h (b*B)^T + bias", True, False),
+            variant("TMA grad_x = g W + gh A", False, True)]
 
 
 def _grad_variants():
@@ -191,7 +232,8 @@ def _vera_bank_variants():
 
 def variants() -> list[Variant]:
     """Every (kernel, call site) pair the ops launch."""
-    return _gemm_variants() + _grad_variants() + _lorma_pi_variants() + _vera_bank_variants()
+    return (_gemm_variants() + _dropout_variants() + _tma_variants() + _grad_variants() + _lorma_pi_variants()
+            + _vera_bank_variants())
 
 
 def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
@@ -200,6 +242,10 @@ def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
         return lp.CONFIGS[variant.kernel]  # one list: fp32 dots for every input dtype
     if variant.module == "vera_bank":
         return vb.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
+    if variant.configs == "dropout":
+        return lk.DROPOUT_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else "fp32"]
+    if variant.configs == "tma":
+        return lk.TMA_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
     if variant.kernel != "_fused_gemm_kernel":
         return lk.GRAD_CONFIGS
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
@@ -233,6 +279,7 @@ class Result:
     stack_bytes: int = -1
     shared_bytes: int = -1
     tensor_cores: bool = False
+    tma: bool = False  # bulk tensor copies (TMA loads) in the PTX: the Hopper GEMM's descriptors
     blocks_per_sm: int = -1
     warps_per_sm: int = -1
     occupancy_limit: str = ""  # the resource that limits blocks_per_sm (see occupancy())
@@ -276,16 +323,23 @@ def _spec(variant: Variant, config: triton.Config, dtype: str, input_precision: 
     for stride in variant.unit_strides:  # Triton specialises an int equal to 1 whatever its alignment
         constexprs[stride] = 1
     signature, aligned_args = {}, []
+    descriptors = dict(variant.descriptors)
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
+        elif arg in descriptors:
+            rows, cols = (constexprs[key] for key in descriptors[arg])
+            signature[arg] = f"tensordesc<{_TRITON_TYPES[dtype]}[{rows}, {cols}]>"
         elif arg in variant.int_pointers:
             signature[arg] = "*i32"
+            aligned_args.append(arg)
+        elif arg in variant.i64_pointers:
+            signature[arg] = "*i64"
             aligned_args.append(arg)
         elif arg.endswith("_ptr"):  # torch's allocations start 16-byte aligned (256 bytes on CUDA)
             signature[arg] = "*fp32" if arg in variant.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
             aligned_args.append(arg)
-        elif arg == "scale":
+        elif arg in ("scale", "drop_p", "drop_scale"):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
@@ -343,6 +397,7 @@ def compile_config(variant: Variant, config: triton.Config, dtype: str, cc: int,
     result.shared_bytes = int(getattr(compiled.metadata, "shared", 0))
     ptx = compiled.asm["ptx"]
     result.tensor_cores = ("wgmma" in ptx) if cc >= 90 else ("mma.sync" in ptx)
+    result.tma = "cp.async.bulk.tensor" in ptx
     result.blocks_per_sm, result.occupancy_limit = occupancy(
         max(result.registers, 1), result.shared_bytes, config.num_warps, cc)
     result.warps_per_sm = result.blocks_per_sm * config.num_warps
@@ -354,12 +409,16 @@ def jobs(targets=TARGETS, dtypes=DTYPES) -> list[tuple]:
     specialisation at the largest one, per call site, dtype and target."""
     work = []
     for variant in variants():
+        ccs = [cc for cc in targets if variant.targets is None or cc in variant.targets]
         for dtype in dtypes:
             # The LoRMA-pi launchers upcast 16-bit factors to fp32: only fp32 pointers are ever launched.
             if variant.module == "lorma_pi" and dtype not in ("fp32", "tf32"):
                 continue
-            work += [(variant, i, dtype, cc, True) for i in range(len(_configs(variant, dtype))) for cc in targets]
-            work += [(variant, largest_config(variant, dtype), dtype, cc, False) for cc in targets]
+            if variant.dtypes is not None and dtype not in variant.dtypes:
+                continue
+            work += [(variant, i, dtype, cc, True) for i in range(len(_configs(variant, dtype))) for cc in ccs]
+            if not variant.descriptors:  # descriptors exist only for aligned tensors (TMA's rules)
+                work += [(variant, largest_config(variant, dtype), dtype, cc, False) for cc in ccs]
     return work
 
 
@@ -473,7 +532,7 @@ def spill_control(cc: int = 80) -> Result:
 
 def format_table(results: list[Result]) -> str:
     header = (f"{'kernel / call site':44} {'ints':9} {'dtype':5} {'target':6} {'config (blocks, warps, stages)':30} "
-              f"{'REG':>4} {'STACK':>5} {'SMEM':>6} {'blk/SM':>6} {'warps/SM':>8} {'limit':13} TC")
+              f"{'REG':>4} {'STACK':>5} {'SMEM':>6} {'blk/SM':>6} {'warps/SM':>8} {'limit':13} TC  TMA")
     lines = [header, "-" * len(header)]
     for r in results:
         ints = "aligned" if r.aligned else "unaligned"
@@ -484,7 +543,7 @@ def format_table(results: list[Result]) -> str:
         lines.append(
             f"{r.variant:44} {ints:9} {r.dtype:5} {r.target:6} {r.config:30} {r.registers:4d} {r.stack_bytes:5d} "
             f"{r.shared_bytes:6d} {r.blocks_per_sm:6d} {r.warps_per_sm:8d} {r.occupancy_limit:13} "
-            f"{'yes' if r.tensor_cores else 'no'}{flag}"
+            f"{'yes' if r.tensor_cores else 'no':3} {'yes' if r.tma else 'no'}{flag}"
         )
     bad = [r for r in results if not r.ok]
     lines.append(f"{len(results)} compiled kernels, {len(bad)} with spills, too much shared memory or errors")
@@ -527,18 +586,18 @@ def format_markdown(results: list[Result], fp: dict) -> str:
         "Occupancy: resident blocks and warps per SM (out of 64) allowed by the registers, the shared "
         "memory and the warps of one block, and the resource that limits it (`occupancy()` in the tool "
         "states the rule). `unaligned`: no integer argument known to be a multiple of 16.", "",
-        "| kernel / call site | ints | dtype | target | config | REG | STACK | SMEM | blocks/SM | warps/SM | limited by | TC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel / call site | ints | dtype | target | config | REG | STACK | SMEM | blocks/SM | warps/SM | limited by | TC | TMA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ints = "aligned" if r.aligned else "unaligned"
         if r.error:
-            lines.append(f"| {r.variant} | {ints} | {r.dtype} | {r.target} | {r.config} | FAILED: {r.error} ||||||| ")
+            lines.append(f"| {r.variant} | {ints} | {r.dtype} | {r.target} | {r.config} | FAILED: {r.error} |||||||| ")
             continue
         lines.append(
             f"| {r.variant} | {ints} | {r.dtype} | {r.target} | {r.config} | {r.registers} | {r.stack_bytes} | "
             f"{r.shared_bytes} | {r.blocks_per_sm} | {r.warps_per_sm} | {r.occupancy_limit} | "
-            f"{'yes' if r.tensor_cores else 'no'} |"
+            f"{'yes' if r.tensor_cores else 'no'} | {'yes' if r.tma else 'no'} |"
         )
     lines += ["", MD_END, ""]
     return "\n".join(lines)
