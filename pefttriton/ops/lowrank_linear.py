@@ -241,14 +241,34 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split):
 
 
 def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
-    """Backward of the fused and split strategies. The low-rank gradients (``gh``, ``grad_d``,
-    ``grad_b``) come from the Triton kernel that reads ``g`` once, or from the BLAS products the
+    """Backward of the fused and split strategies: :func:`triton_lowrank_backward`, then
+    ``grad_x = g W + gh A`` and the base layer's gradients."""
+    need_x, need_weight, need_bias = needs[:3]
+    g = g.contiguous()
+    grads, gh = triton_lowrank_backward(g, x, xa, weight.shape, A, B, d, b, scale, needs)
+    if need_x and split:
+        grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
+    elif need_x:
+        # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
+        tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
+        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
+    if need_weight:
+        grads["weight"] = g.T @ x
+    if need_bias:
+        grads["bias"] = g.sum(0)
+    return grads
+
+
+def triton_lowrank_backward(g, x, xa, shape, A, B, d, b, scale, needs):
+    """The low-rank half of the Triton paths' backward (``g`` (N, m) contiguous, ``shape`` = W's
+    (m, n)): returns the gradients of A, B, d and b (a dict by name) and ``gh`` (N, r), the gradient
+    of ``x A^T`` that ``grad_x = g W + gh A`` needs (None when nothing needs it). ``gh``, ``grad_d``,
+    ``grad_b`` come from the Triton kernel that reads ``g`` once, or from the BLAS products the
     lean strategy uses where the cost model says the kernel loses (it is latency-bound at small
     ranks and token counts: :func:`pefttriton.ops.strategy.lowrank_backward`)."""
-    need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
-    g = g.contiguous()
+    need_x, _, _, need_A, need_B, need_d, need_b = needs
     trains = "all" if (need_A or need_B) and (need_d or need_b) else "factors" if need_A or need_B else "vectors"
-    way = chooser.lowrank_backward(g.device, g.dtype, (g.shape[0], weight.shape[1], weight.shape[0], A.shape[0]), trains)
+    way = chooser.lowrank_backward(g.device, g.dtype, (g.shape[0], shape[1], shape[0], A.shape[0]), trains)
     grads = dict.fromkeys(_GRAD_NAMES)
     if way == "kernel":
         # The kernel's two 16-bit products, (b * g) B and h B^T for grad_b, see B scaled by scale_B
@@ -263,21 +283,11 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split):
             gb = mm_acc(g, _up(B, b, xa.dtype).to(g.dtype))  # (b * g) B, (N, r), as lean computes it
             gh = gb * _rank_scale(d, scale, A.shape[0], xa)
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (need_B, need_d, need_b), gb)
-    if need_x and split:
-        grads["x"] = kernels.add_lowrank_(g @ weight, gh, A.T)
-    elif need_x:
-        # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
-        tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
-        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
     if need_B and way == "kernel":
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:
         grads["A"] = mm_acc(gh.to(g.dtype).T, x) if g.dtype != gh.dtype else gh.T @ x
-    if need_weight:
-        grads["weight"] = g.T @ x
-    if need_bias:
-        grads["bias"] = g.sum(0)
-    return grads
+    return grads, gh
 
 
 def _compute_forward(path, x, weight, bias, A, B, d, b, scale, out):
