@@ -31,7 +31,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels", "pefttriton.bench"],
+    packages=["pefttriton", "pefttriton.kernels", "pefttriton.ops", "pefttriton.adapters", "pefttriton.integration",
+              "pefttriton.tools", "pefttriton.bench"],
     package_dir={"pefttriton.bench": "bench"},
     install_requires=[
         # torch>=2.4 for torch.library.custom_op; on CPU machines install the CPU wheel first.
