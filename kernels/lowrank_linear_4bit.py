@@ -1,5 +1,6 @@
 """The fused linear + low-rank GEMM on a 4-bit base weight (QLoRA): W is read as 4-bit codes and
-dequantized tile by tile in registers, so no 16- or 32-bit copy of W ever exists.
+dequantized tile by tile in registers, so no 16- or 32-bit copy of W ever exists. The dequantized
+tile is the dot's first operand (the kernel computes y^T), which tensor cores read from registers.
 
     y      = x W^T + bias + b * ((scale * d * h) B^T)          (forward, h = x A^T)
     grad_x = g W   + gh A                                      (backward, the same kernel, W_T=True)
@@ -37,20 +38,21 @@ from pefttriton.kernels.launch import (
 )
 
 # Autotune configs per dot family, for the ALIGNED layout (below) that real models' layers have.
-# Dequantizing a W tile holds it in float32 registers (plus its byte tile) on top of the 16-bit
-# GEMM's, so the tiles are a step smaller than the dense kernel's; every one compiles without
-# spills for sm_80 and sm_90 at each call site (forward, grad_x; nested absmax or not).
+# Dequantizing a W tile holds it in float32 registers (plus its byte tile) beside the GEMM's, so
+# these are the tiles that compile without spills for sm_80 and sm_90 at every call site (forward
+# LoRA / VeRA and grad_x, nested absmax or not, blocksize 32 / 64 / 128; the helper's compile
+# check): 128 x 128 needs K = 32 with 8 warps (K = 64 spills 8-88 bytes on sm_80), 64 x 128 and
+# 128 x 64 need 8 warps at K = 64, and the 64 x 64 x 16 IEEE fp32 tile spills on sm_90.
 GEMM_CONFIGS = {
     "16-bit": [
-        gemm_config(128, 128, 64, 8, 3),
-        gemm_config(64, 128, 64, 4, 3),
-        gemm_config(128, 64, 64, 4, 3),
-        gemm_config(64, 64, 64, 4, 3),
+        gemm_config(128, 128, 32, 8, 3),
+        gemm_config(64, 128, 64, 8, 3),
+        gemm_config(128, 64, 64, 8, 3),
+        gemm_config(64, 64, 32, 4, 3),
         gemm_config(32, 128, 64, 4, 3),
-        gemm_config(32, 64, 64, 4, 3),
+        gemm_config(32, 64, 32, 4, 3),
     ],
     "fp32": [
-        gemm_config(64, 64, 16, 4, 3),
         gemm_config(32, 64, 32, 4, 3),
         gemm_config(64, 32, 16, 4, 2),
     ],
@@ -63,7 +65,7 @@ GEMM_CONFIGS = {
 # The PAIRED and UNPAIRED layouts (in_features not a multiple of the blocksize: tiny or odd
 # layers) gather an absmax per byte or per element, with 64-bit indices: small tiles only.
 SMALL_CONFIGS = {
-    "16-bit": [gemm_config(32, 64, 64, 4, 3), gemm_config(32, 64, 32, 4, 3)],
+    "16-bit": [gemm_config(32, 64, 32, 4, 3)],
     "fp32": [gemm_config(32, 32, 16, 4, 2)],
     "tf32": [gemm_config(32, 64, 32, 4, 3)],
 }
@@ -73,7 +75,7 @@ INTERPRET_GEMM_CONFIGS = [gemm_config(32, 32, 32, 4, 1)]
 def config_family(dtype: torch.dtype, precision: str, layout_: int, blocksize: int = 64, transposed: bool = False) -> list:
     """The configs the autotuner may pick for inputs of ``dtype`` at ``precision``, W's ``layout_`` and
     ``blocksize``. A forward K tile wider than a block (blocksize 32, rare) holds several absmax
-    groups per row and spills at 128 x 128 (sm_80): such a forward keeps the tiles whose K fits."""
+    groups per row and spills on sm_80: such a forward keeps the tiles whose K fits in a block."""
     family = (GEMM_CONFIGS if layout_ == ALIGNED else SMALL_CONFIGS)[gemm_family(dtype, precision)]
     if not transposed:
         fitting = [c for c in family if c.kwargs["BLOCK_K"] <= blocksize]
@@ -92,7 +94,7 @@ def _prune_configs(candidates, named_args, **kwargs):
 
 # How a W tile finds its codes and absmaxes (:func:`layout` picks the first that holds):
 ALIGNED = 0  # every row holds whole quantization blocks (in_features % blocksize == 0, a power of
-#              two): one absmax per row and block, a (rows, cols / blocksize) tile.
+#              two): one absmax per tile row, or per row and block when a tile spans several.
 PAIRED = 1  # in_features even: rows start on a byte; one absmax gathered per byte.
 UNPAIRED = 2  # anything else: every element finds its byte, nibble and absmax.
 
@@ -106,10 +108,12 @@ def layout(in_features: int, blocksize: int) -> int:
 
 @triton.jit
 def _dot_operand(t, dtype: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """The tile ``t`` (float32, or ``dtype``) rounded to the input ``dtype`` as the dot reads it. Compiled: ``t.to(dtype)``.
-    Interpreted bf16 (DOT_IN_FP32, dots in float32): float32 holding the bf16 value, rounded to
-    nearest even with integer operations, because the interpreter's float32 -> bf16 cast truncates
-    (triton 3.9); so the interpreter sees the operands a GPU sees."""
+    """The tile ``t`` (float32, or ``dtype``) rounded to the input ``dtype`` as the dot reads it.
+
+    Compiled: ``t.to(dtype)``. Interpreted bf16 (DOT_IN_FP32, dots in float32): float32 holding the
+    bf16 value, rounded to nearest even with integer operations, because the interpreter's float32
+    -> bf16 cast truncates (triton 3.9); so the interpreter sees the operands a GPU sees.
+    """
     if DOT_IN_FP32:
         bits = t.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -145,7 +149,7 @@ def dequantize_4bit_tile(
     finite but not zero (nested: the offset); the callers meet them with zeros of x or store
     nothing there.
     """
-    if LAYOUT == 2:
+    if LAYOUT == 2:  # UNPAIRED
         cols = col0 + tl.arange(0, COLS)
         elem = rows[:, None] * W_COLS + cols[None, :]
         mask = mask_rows[:, None] & (cols < W_COLS)[None, :]
@@ -157,7 +161,7 @@ def dequantize_4bit_tile(
         half = col0 // 2 + tl.arange(0, COLS // 2)
         mask = mask_rows[:, None] & (half < W_COLS // 2)[None, :]
         packed = tl.load(q_ptr + rows[:, None] * (W_COLS // 2) + half[None, :], mask=mask, other=0).to(tl.int32)
-        if LAYOUT == 0:
+        if LAYOUT == 0:  # ALIGNED
             if COLS <= QBLOCK:  # the tile lies inside one block per row: a (ROWS,) vector
                 block = rows * (W_COLS // QBLOCK) + col0 // QBLOCK  # col0 < W_COLS: every tile starts inside W
                 scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask_rows, NESTED, NESTED_BLOCK)[:, None]

@@ -211,6 +211,7 @@ def test_op_16_bit(backend, gen, dtype):
     check_op(weight, t, 2.0, TOL[dtype], gen)
 
 
+@pytest.mark.cpu_only  # an identity of the interpreter's tiles; compiled kernels tile the two GEMMs differently
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rounding_is_bitsandbytes_dequantized_weight(gen, dtype):
     """The Triton 4-bit op equals the dense Triton op on bitsandbytes' dequantized W bit for bit: W's
@@ -228,6 +229,7 @@ def test_rounding_is_bitsandbytes_dequantized_weight(gen, dtype):
     assert torch.equal(y4, y)
 
 
+@pytest.mark.cpu_only  # auto picks the torch path on the CPU only
 def test_paths(gen):
     """auto on the CPU: a torch path; the triton backend: the 4-bit kernel, also for strategy split
     (which needs a dense W); weight in 16 bits is refused as for the dense op."""
@@ -248,6 +250,7 @@ def test_paths(gen):
         lowrank_linear_4bit(t16["x"], weight16, None, t16["A"], t16["B"])
 
 
+@pytest.mark.cpu_only  # CPU autocast
 def test_autocast(gen):
     """Under autocast x, bias, A, B are cast to the autocast dtype and the output has it."""
     weight, t = make_case(gen, 45, 128, 64)

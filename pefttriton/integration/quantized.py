@@ -52,11 +52,8 @@ INT8 = "bitsandbytes 8-bit base layer (Linear8bitLt): not fused (the engine read
 
 def _bnb_nn():
     """``bitsandbytes.nn`` if bitsandbytes is loaded, else None (no bitsandbytes layer can exist)."""
-    if "bitsandbytes" not in sys.modules:
-        return None
-    import bitsandbytes
-
-    return bitsandbytes.nn
+    bitsandbytes = sys.modules.get("bitsandbytes")
+    return None if bitsandbytes is None else getattr(bitsandbytes, "nn", None)
 
 
 def is_4bit_base(base: nn.Module) -> bool:
