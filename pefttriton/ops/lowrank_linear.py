@@ -345,14 +345,36 @@ def _triton_forward(x, weight, bias, A, B, d, b, scale, out, split, drop=None):
 
 
 def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split, drop=None):
-    """Backward of the fused and split strategies. The low-rank gradients (``gh``, ``grad_d``,
-    ``grad_b``) come from the Triton kernel that reads ``g`` once, or from the BLAS products the
+    """Backward of the fused and split strategies: :func:`triton_lowrank_backward`, then
+    ``grad_x = g W + gh A`` (with dropout, the adapter's part masked) and the base layer's gradients."""
+    need_x, need_weight, need_bias = needs[:3]
+    g = g.contiguous()
+    grads, gh = triton_lowrank_backward(g, x, xa, weight.shape, A, B, d, b, scale, needs, drop)
+    tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
+    if need_x and (split or drop is not None):
+        # split: cuBLAS's base GEMM; dropout: the mask applies to gh A alone, so a base GEMM first
+        base = g @ weight if split else kernels.fused_gemm(g, weight.T, tma=tma)
+        grads["x"] = _lowrank_grad_x(base, gh, A, drop, triton=True)
+    elif need_x:
+        # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
+        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
+    if need_weight:
+        grads["weight"] = g.T @ x
+    if need_bias:
+        grads["bias"] = g.sum(0)
+    return grads
+
+
+def triton_lowrank_backward(g, x, xa, shape, A, B, d, b, scale, needs, drop=None):
+    """The low-rank half of the Triton paths' backward (``g`` (N, m) contiguous, ``shape`` = W's
+    (m, n)): returns the gradients of A, B, d and b (a dict by name) and ``gh`` (N, r), the gradient
+    of ``x A^T`` that ``grad_x = g W + gh A`` needs (None when nothing needs it). ``gh``, ``grad_d``,
+    ``grad_b`` come from the Triton kernel that reads ``g`` once, or from the BLAS products the
     lean strategy uses where the cost model says the kernel loses (it is latency-bound at small
     ranks and token counts: :func:`pefttriton.ops.strategy.lowrank_backward`)."""
-    need_x, need_weight, need_bias, need_A, need_B, need_d, need_b = needs
-    g = g.contiguous()
+    need_x, _, _, need_A, need_B, need_d, need_b = needs
     trains = "all" if (need_A or need_B) and (need_d or need_b) else "factors" if need_A or need_B else "vectors"
-    way = chooser.lowrank_backward(g.device, g.dtype, (g.shape[0], weight.shape[1], weight.shape[0], A.shape[0]), trains)
+    way = chooser.lowrank_backward(g.device, g.dtype, (g.shape[0], shape[1], shape[0], A.shape[0]), trains)
     grads = dict.fromkeys(_GRAD_NAMES)
     if way == "kernel":
         # The kernel's two 16-bit products, (b * g) B and h B^T for grad_b, see B scaled by scale_B
@@ -367,23 +389,11 @@ def _triton_backward(g, x, xa, weight, A, B, d, b, scale, needs, split, drop=Non
             gb = mm_acc(g, _as(_up(B, b, xa.dtype), g.dtype))  # (b * g) B, (N, r), as lean computes it
             gh = gb * _rank_scale(d, scale, xa)
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (need_B, need_d, need_b), gb)
-    tma = chooser.gemm_kernel(g.device, g.dtype) == "tma"
-    if need_x and (split or drop is not None):
-        # split: cuBLAS's base GEMM; dropout: the mask applies to gh A alone, so a base GEMM first
-        base = g @ weight if split else kernels.fused_gemm(g, weight.T, tma=tma)
-        grads["x"] = _lowrank_grad_x(base, gh, A, drop, triton=True)
-    elif need_x:
-        # grad_x = g W + gh A: the forward GEMM kernel on transposed views, one launch.
-        grads["x"] = kernels.fused_gemm(g, weight.T, None, gh, A.T, tma=tma)
     if need_B and way == "kernel":
         _vector_and_factor_grads(grads, g, x, xa, A, B, d, b, scale, (False,) * 4 + (True, False, False))
     if need_A:
         grads["A"] = _grad_A(gh, x, drop, triton=True)
-    if need_weight:
-        grads["weight"] = g.T @ x
-    if need_bias:
-        grads["bias"] = g.sum(0)
-    return grads
+    return grads, gh
 
 
 def _compute_forward(path, x, weight, bias, A, B, d, b, scale, out, drop=None):
