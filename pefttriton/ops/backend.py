@@ -227,8 +227,12 @@ def resolve_path(device: torch.device, dtype: torch.dtype, shape: tuple[int, int
     if dropout:
         allowed = tuple(path for path in allowed if path != "weight")
     strategy = get_strategy()
-    if strategy == "auto" or strategy in allowed:
-        return chooser.choose(device, dtype, shape, trains, allowed, timer) if strategy == "auto" else strategy
+    if strategy == "auto":
+        return chooser.choose(device, dtype, shape, trains, allowed, timer)
+    # a PyTorch strategy named explicitly runs under any backend, where its dtype and dropout allow it
+    torch_ok = strategy == "lean" or (strategy == "weight" and dtype in (torch.float32, torch.float64) and not dropout)
+    if strategy in allowed or torch_ok:
+        return strategy
     path = chooser.choose(device, dtype, shape, trains, allowed, timer)
     _warn_fallback(strategy, _why_not(strategy, device, dtype, dropout), path)
     return path
