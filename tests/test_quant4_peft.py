@@ -8,7 +8,6 @@ the same layer: ``peft.tuners.lora.bnb.Linear4bit`` (LoRA) and ``peft.tuners.ver
 training step (``prepare_model_for_kbit_training`` + ``get_peft_model``) against PEFT's.
 """
 
-import functools
 
 import pytest
 import torch
@@ -185,16 +184,6 @@ def test_vera_on_4bit_base_matches_peft(tmp_path, gen):
                 [x, d, b], TOL[torch.float32], gen)
 
 
-def _engine_forward(calls, layer, x, *args, **kwargs):
-    """What acceleration.py's hook will do for a PEFT LoRA layer on a 4-bit base (test stand-in)."""
-    a = layer.active_adapters[0]
-    y = quantized.engine_call_4bit(layer.base_layer, x, layer.lora_A[a].weight, layer.lora_B[a].weight,
-                                   scale=layer.scaling[a])
-    assert not isinstance(y, str), y
-    calls.append(layer)
-    return y
-
-
 def _train_step(model, ids, lr=0.5):
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -210,8 +199,9 @@ def _train_step(model, ids, lr=0.5):
 
 def test_tiny_llama_qlora_train_step_matches_peft(tmp_path, gen):
     """prepare_model_for_kbit_training (gradient checkpointing on) + LoRA on every linear layer; one
-    SGD step through PEFT's forward and one through the engine, from the same state: the losses,
-    every adapter gradient and the updated adapters agree to 1e-5 (compute dtype float32)."""
+    SGD step through PEFT's forward and one through pefttriton.accelerate (every layer fused on its
+    4-bit base), from the same state: the losses, every adapter gradient and the updated adapters
+    agree to 1e-5 (compute dtype float32)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora.bnb import Linear4bit
 
@@ -231,13 +221,36 @@ def test_tiny_llama_qlora_train_step_matches_peft(tmp_path, gen):
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
+    import pefttriton
+
     calls = []
-    for layer in layers:
-        layer.forward = functools.partial(_engine_forward, calls, layer)
-    loss, grads, after = _train_step(model, ids)
+    engine = quantized.lowrank_linear_4bit
+    quantized.lowrank_linear_4bit = lambda *a, **k: calls.append(1) or engine(*a, **k)
+    try:
+        report = pefttriton.accelerate(model)
+        assert len(report.fused) == len(layers) and not report.fallback, str(report)
+        loss, grads, after = _train_step(model, ids)
+    finally:
+        quantized.lowrank_linear_4bit = engine
     assert len(calls) >= 2 * len(layers)  # every layer, forward and the checkpoint's recompute
+    assert set(pefttriton.acceleration_report(model).last.values()) == {"fused (lean)"}
     assert rel_err(loss, loss_peft) < 1e-5
     for name, g, g_peft in zip([n for n, p in model.named_parameters() if p.requires_grad], grads, grads_peft):
         assert rel_err(g, g_peft) < 1e-5, name
     for p, p_peft in zip(after, after_peft):
         assert rel_err(p, p_peft) < 1e-5
+
+
+def test_accelerate_reports_what_the_4bit_engine_does_not_take(tmp_path, gen):
+    """QLoRA with dropout while training: PEFT's forward runs (the 4-bit engine takes one plain
+    adapter), with the reason; in eval mode the same layers run fused."""
+    import pefttriton
+    from peft import LoraConfig, get_peft_model
+    from pefttriton.integration import acceleration
+
+    model = get_peft_model(tiny_llama_4bit(tmp_path), LoraConfig(r=4, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    report = pefttriton.accelerate(model)
+    assert set(report.fallback.values()) == {acceleration.QUANTIZED_FEATURE} and not report.fused
+    model.eval()
+    assert len(pefttriton.acceleration_report(model).fused) == 4

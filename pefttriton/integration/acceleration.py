@@ -76,6 +76,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pefttriton.integration import quantized
 from pefttriton.ops import lowrank_linear
 from pefttriton.ops.backend import last_path
 from pefttriton.ops.vera_bank import broadcast_sequence_ids, vera_bank_linear
@@ -128,7 +129,9 @@ BASE_TYPE = "base layer is not a plain nn.Linear / transformers Conv1D"
 BASE_HOOKS = "base layer has hooks or a patched forward"
 ADAPTER_HOOKS = "lora_A / lora_B have hooks or a patched forward"
 WEIGHT_TYPE = "base weight is a tensor subclass (quantized, DTensor, ...)"
-QUANTIZED = "quantized base layer"
+QUANTIZED = "quantized base layer (not a bitsandbytes 4-bit one)"
+QUANTIZED_FEATURE = ("4-bit base with dropout in training, several active adapters, lora_bias or DoRA "
+                     "(the 4-bit engine takes one plain adapter)")
 SHAPES = "adapter shapes do not fit the layer (PEFT raises its own error)"
 EXTRA_ARGS = "extra forward arguments (adapter_names=, ...)"
 X_TYPE = "x is not a floating tensor"
@@ -173,6 +176,10 @@ def _global_hooks() -> bool:
 
 
 def _base_reason(base: nn.Module) -> str | None:
+    if quantized.is_4bit_base(base):  # QLoRA: the 4-bit engine reads bitsandbytes' layout
+        return BASE_HOOKS if _has_hooks(base) else quantized.base_reason_4bit(base)
+    if quantized.is_8bit_base(base):
+        return quantized.INT8
     if type(base) is not nn.Linear and type(base) is not _conv1d():
         return BASE_TYPE
     if _has_hooks(base):
@@ -225,7 +232,7 @@ def _lora_adapter(layer: nn.Module, a: str) -> _Adapter | str:
 
 
 def _vera_adapter(layer: nn.Module, a: str) -> _Adapter | str:
-    if getattr(layer, "quantization_backend", None) is not None:
+    if getattr(layer, "quantization_backend", None) is not None and not quantized.is_4bit_base(layer.base_layer):
         return QUANTIZED
     vera_A, vera_B = layer.vera_A, layer.vera_B
     if vera_A is None or vera_B is None or a not in vera_A or a not in vera_B:
@@ -266,7 +273,13 @@ def _adapters(layer: nn.Module, is_lora: bool) -> list[_Adapter] | str:
             return DORA_DROPOUT
     if _global_hooks():
         return GLOBAL_HOOKS
-    return _base_reason(layer._modules["base_layer"]) or adapters
+    base = layer._modules["base_layer"]
+    reason = _base_reason(base)
+    if reason is None and quantized.is_4bit_base(base):
+        ad = adapters[0]  # the 4-bit engine takes one plain adapter
+        if len(adapters) > 1 or ad.p > 0 or ad.bias is not None or ad.magnitude is not None:
+            reason = QUANTIZED_FEATURE
+    return reason or adapters
 
 
 def _state_reason(layer: nn.Module, is_lora: bool) -> str | None:
@@ -397,6 +410,8 @@ def _engine_call(layer: nn.Module, is_lora: bool, adapters: list[_Adapter], x: t
     ``lora_bias`` adds ``scale * lora_B.bias`` to the bias. DoRA computes
     ``(m / ||W + s B A||) * (x W^T + s B A x + s lora_B.bias) + bias`` (norm detached, as PEFT)."""
     base = layer._modules["base_layer"]
+    if quantized.is_4bit_base(base):
+        return _engine_call_4bit(layer, is_lora, adapters, x, base)
     weight = base._parameters["weight"]
     if type(base) is not nn.Linear:
         weight = weight.T  # Conv1D stores (in, out)
@@ -446,6 +461,31 @@ def _engine_call(layer: nn.Module, is_lora: bool, adapters: list[_Adapter], x: t
     if lora_biases:
         bias = extra if bias is None else bias + extra
     return _Call(weight, bias, A, B, d, None, 1.0, [ad.p for ad in adapters], [ad.A.shape[0] for ad in adapters])
+
+
+class _Call4bit(NamedTuple):
+    """One call of the 4-bit engine standing in for PEFT's forward on a bitsandbytes 4-bit base."""
+
+    base: nn.Module
+    A: torch.Tensor
+    B: torch.Tensor
+    d: torch.Tensor | None
+    b: torch.Tensor | None
+    scale: float
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | str:
+        return quantized.engine_call_4bit(self.base, x, self.A, self.B, self.d, self.b, self.scale)
+
+
+def _engine_call_4bit(layer, is_lora, adapters, x, base) -> _Call4bit:
+    """The call of the 4-bit engine for the one plain adapter :func:`_adapters` allows on such a base."""
+    ad = adapters[0]
+    if is_lora:
+        return _Call4bit(base, ad.A, ad.B, None, None, ad.scale)
+    dtype = quantized.compute_dtype(base, x)  # the shared projections, cast once per model and dtype
+    A = _projection_as(ad.A, dtype)[:, : layer.in_features]
+    B = _projection_as(ad.B, dtype)[: layer.out_features, :]
+    return _Call4bit(base, A, B, ad.d, ad.b, 1.0)
 
 
 def _plan(layer: nn.Module, is_lora: bool, x, args, kwargs) -> _Call | str:
@@ -557,6 +597,10 @@ def _forward(self, is_lora: bool, x, *args, **kwargs):
             _LAST[self] = plan
         return type(self).forward(self, x, *args, **kwargs)
     y = plan.run(x)
+    if isinstance(y, str):  # the 4-bit engine declined at the call (a layout it does not read)
+        if not compiling:
+            _LAST[self] = y
+        return type(self).forward(self, x, *args, **kwargs)
     if not compiling:
         _LAST[self] = f"fused ({last_path()})"
     return y if is_lora else y.to(x.dtype)  # PEFT's VeRA returns x's dtype
@@ -648,10 +692,11 @@ def _kind(layer: nn.Module) -> str:
 def _walk(model: nn.Module):
     """``(name, layer, is_lora or None)`` for every PEFT tuner layer; None for layers not covered."""
     BaseTunerLayer, LoraLinear, VeraLinear = _peft_classes()
+    lora_types = (LoraLinear, quantized.peft_lora_4bit_class())  # QLoRA: PEFT's lora.bnb.Linear4bit
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        covered = True if type(module) is LoraLinear else False if type(module) is VeraLinear else None
+        covered = True if type(module) in lora_types else False if type(module) is VeraLinear else None
         yield name, module, covered
 
 
