@@ -40,15 +40,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pefttriton.kernels import lorma_pi as lp
 from pefttriton.kernels import lowrank_linear as lk
+from pefttriton.kernels import lowrank_linear_4bit as l4
 from pefttriton.kernels import vera_bank as vb
 
-_KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp, "vera_bank": vb}
+_KERNEL_MODULES = {"lowrank_linear": lk, "lorma_pi": lp, "vera_bank": vb, "lowrank_linear_4bit": l4}
 KERNELS_DIR = Path(lk.__file__).resolve().parent
 """The kernel sources (``kernels/`` of the repository, installed as ``pefttriton.kernels``)."""
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"
@@ -116,7 +118,9 @@ class Variant:
     module: str = "lowrank_linear"  # file of pefttriton/kernels/ that defines the kernel
     int_pointers: tuple = ()  # pointers to int32 (the VeRA bank's adapter ids)
     i64_pointers: tuple = ()  # pointers to int64 (the dropout seed)
-    configs: str = "gemm"  # which configs the launch autotunes over: "gemm", "dropout" or "tma"
+    u8_pointers: tuple = ()  # pointers to uint8 (4-bit codes, a double-quantized absmax)
+    options: tuple = ()  # (name, value) compile options of the launch beyond warps and stages
+    configs: str = "gemm"  # which configs the launch autotunes over: "gemm", "dropout", "tma" or "4bit"
     descriptors: tuple = ()  # (argument, (block key, block key)): tensor descriptors (TMA) and their tiles
     targets: tuple | None = None  # compute capabilities it is launched on (None: every target)
     dtypes: tuple | None = None  # input dtypes it is launched with (None: every dtype)
@@ -230,10 +234,37 @@ def _vera_bank_variants():
     ]
 
 
+def _4bit_variants():
+    """The 4-bit GEMM (QLoRA): forward (LoRA, VeRA) and grad_x, W read in bitsandbytes' layout;
+    absmax double-quantized (uint8) or not (fp32); the layout real layers have (ALIGNED) and the
+    one every element gathers its own byte and absmax in (UNPAIRED, odd widths)."""
+    k = "_fused_gemm_4bit_kernel"
+    fp32 = ("code_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "h_ptr", "d_ptr", "bvec_ptr")
+    sites = (
+        ("forward (LoRA)", (("W_T", False), ("HAS_BIAS", True), ("HAS_D", False), ("HAS_BVEC", False)),
+         ("stride_xk", "stride_hr", "stride_lbr", "stride_yn")),
+        ("forward (VeRA)", (("W_T", False), ("HAS_BIAS", True), ("HAS_D", True), ("HAS_BVEC", True)),
+         ("stride_xk", "stride_hr", "stride_lbr", "stride_yn")),
+        ("grad_x = g W + gh A", (("W_T", True), ("HAS_BIAS", False), ("HAS_D", False), ("HAS_BVEC", False)),
+         ("stride_xk", "stride_hr", "stride_lbn", "stride_yn")),
+    )
+    out = []
+    for layout, nested in ((l4.ALIGNED, True), (l4.ALIGNED, False), (l4.UNPAIRED, True)):
+        for site, flags, strides in sites:
+            name = f"4-bit {site}, {'aligned' if layout == l4.ALIGNED else 'odd width'}{', nested absmax' if nested else ''}"
+            out.append(Variant(
+                k, name, flags + (("HAS_LOWRANK", True), ("QBLOCK", 64), ("NESTED", nested), ("NESTED_BLOCK", 256),
+                                  ("LAYOUT", layout)),
+                strides, fp32 + (() if nested else ("absmax_ptr",)), module="lowrank_linear_4bit",
+                u8_pointers=("q_ptr",) + (("absmax_ptr",) if nested else ()), options=(("enable_fp_fusion", False),),
+                configs="4bit"))
+    return out
+
+
 def variants() -> list[Variant]:
     """Every (kernel, call site) pair the ops launch."""
     return (_gemm_variants() + _dropout_variants() + _tma_variants() + _grad_variants() + _lorma_pi_variants()
-            + _vera_bank_variants())
+            + _vera_bank_variants() + _4bit_variants())
 
 
 def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
@@ -246,6 +277,11 @@ def _configs(variant: Variant, dtype: str) -> list[triton.Config]:
         return lk.DROPOUT_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else "fp32"]
     if variant.configs == "tma":
         return lk.TMA_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
+    if variant.configs == "4bit":
+        flags = dict(variant.flags)
+        ptr, precision = _precision(dtype)
+        return l4.config_family({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[ptr], precision,
+                                flags["LAYOUT"], flags["QBLOCK"], flags["W_T"])
     if variant.kernel != "_fused_gemm_kernel":
         return lk.GRAD_CONFIGS
     return lk.GEMM_CONFIGS["16-bit" if dtype in ("fp16", "bf16") else dtype]
@@ -336,6 +372,9 @@ def _spec(variant: Variant, config: triton.Config, dtype: str, input_precision: 
         elif arg in variant.i64_pointers:
             signature[arg] = "*i64"
             aligned_args.append(arg)
+        elif arg in variant.u8_pointers:
+            signature[arg] = "*u8"
+            aligned_args.append(arg)
         elif arg.endswith("_ptr"):  # torch's allocations start 16-byte aligned (256 bytes on CUDA)
             signature[arg] = "*fp32" if arg in variant.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
             aligned_args.append(arg)
@@ -379,7 +418,7 @@ def compile_config(variant: Variant, config: triton.Config, dtype: str, cc: int,
         compiled = triton.compile(
             _source(variant, config, dtype, aligned),
             target=GPUTarget("cuda", cc, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages, **dict(variant.options)},
         )
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash of the report
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -437,7 +476,7 @@ def job_spec(job) -> dict:
     fn, signature, constexprs, aligned_args = _spec(variant, config, ptr_dtype, precision, aligned)
     return {"key": job_key(job), "kernel": variant.kernel, "signature": signature, "constexprs": constexprs,
             "divisible_by_16": aligned_args, "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "target": cc}
+            "options": dict(variant.options), "target": cc}
 
 
 def _sha256(data: bytes) -> str:
