@@ -120,8 +120,8 @@ print(json.dumps({"file": getattr(kernels, "__file__", None), "available": impor
 
 
 def test_installed_package_layout(tmp_path):
-    """A build (what a wheel and a normal install contain) has ``pefttriton/kernels/*.py`` and no
-    top-level ``kernels``."""
+    """A build (what a wheel and a normal install contain) has every module of the package, the
+    kernels as ``pefttriton/kernels/*.py``, and no top-level ``kernels``."""
     done = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -129,5 +129,9 @@ def test_installed_package_layout(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     built = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py")}
     assert {"pefttriton/kernels/launch.py", "pefttriton/kernels/lowrank_linear.py", "pefttriton/bench/__init__.py"} <= built
+    # every module of the source tree (a subpackage missing from setup.py's list breaks the install)
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pefttriton").rglob("*.py")}
+    source |= {"pefttriton/kernels/" + p.name for p in (ROOT / "kernels").glob("*.py")}
+    assert source <= built, sorted(source - built)
     assert not any(name.startswith("kernels/") for name in built)
     assert not (tmp_path / "pefttriton" / "kernels").is_symlink()
