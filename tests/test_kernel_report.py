@@ -40,7 +40,8 @@ TARGETS = ("sm_80", "sm_90")
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 # Call sites whose unaligned specialisation spills in the committed report (issue 20 item 11,
-# results/kernel-report.md): the largest GEMM tiles, one LoRMA-pi tile, two fp32 low-rank backward
+# results/kernel-report.md): the largest GEMM tiles (the 4-bit GEMM's too: its "aligned" names W's
+# quantization layout, not the integer arguments), one LoRMA-pi tile, two fp32 low-rank backward
 # rows. Strict: once the kernels are fixed and the report regenerated, the test passes and fails
 # the run until its name leaves this list.
 UNALIGNED_SPILLS = {
@@ -49,6 +50,8 @@ UNALIGNED_SPILLS = {
     "VeRA bank: x W^T + bias + b[ids] (h B^T)", "VeRA bank split: base32 + b[ids] (h B^T)",
     "LoRMA-pi: M = s shift(B A)", "LoRMA-pi: grad_A = s B^T unshift(G)",
     "low-rank grads (VeRA, BLOCK_R=32)", "low-rank grads (LoRA, BLOCK_R=64)",
+    "4-bit forward (LoRA), aligned", "4-bit forward (LoRA), aligned, nested absmax",
+    "4-bit grad_x = g W + gh A, aligned", "4-bit grad_x = g W + gh A, aligned, nested absmax",
 }
 
 
@@ -101,7 +104,7 @@ def test_every_kernel_compiles_and_the_aligned_ones_do_not_spill(committed):
 @pytest.mark.parametrize("variant", [
     pytest.param(v.name, marks=pytest.mark.xfail(strict=True, reason="known spills, issue 20 item 11"))
     if v.name in UNALIGNED_SPILLS else v.name
-    for v in kr.variants()
+    for v in kr.variants() if not v.descriptors  # tensor descriptors (TMA) exist for aligned tensors only
 ])
 def test_unaligned_specialisation_does_not_spill(committed, variant):
     rows = [r for r in committed["results"] if r["variant"] == variant and not r["aligned"]]

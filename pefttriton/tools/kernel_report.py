@@ -117,7 +117,7 @@ class Variant:
     block_r: int | None = None  # BLOCK_R of the low-rank backward kernel
     module: str = "lowrank_linear"  # file of pefttriton/kernels/ that defines the kernel
     int_pointers: tuple = ()  # pointers to int32 (the VeRA bank's adapter ids)
-    i64_pointers: tuple = ()  # pointers to int64 (the dropout seed)
+    i64_pointers: tuple = ("seed_ptr",)  # pointers to int64 (the dropout seed, where the kernel has one)
     u8_pointers: tuple = ()  # pointers to uint8 (4-bit codes, a double-quantized absmax)
     options: tuple = ()  # (name, value) compile options of the launch beyond warps and stages
     configs: str = "gemm"  # which configs the launch autotunes over: "gemm", "dropout", "tma" or "4bit"
@@ -129,7 +129,8 @@ class Variant:
 def _gemm_variants():
     def flags(main, bias, lowrank, d, bvec, accumulate=False, c_is_y=True):
         return (("HAS_MAIN", main), ("HAS_BIAS", bias), ("HAS_LOWRANK", lowrank), ("HAS_D", d),
-                ("HAS_BVEC", bvec), ("ACCUMULATE", accumulate), ("C_IS_Y", c_is_y))
+                ("HAS_BVEC", bvec), ("ACCUMULATE", accumulate), ("C_IS_Y", c_is_y),
+                ("DROP_X", False), ("DROP_W", False), ("DROP_LOWRANK", False))
 
     fwd_strides = ("stride_xk", "stride_wk", "stride_hr", "stride_lbr", "stride_yn")
     # grad_x = g W + gh A reads W and A transposed: unit stride along N, not K.
@@ -161,7 +162,7 @@ def _dropout_variants():
                 ("DROP_X", drop == "x"), ("DROP_W", drop == "w"), ("DROP_LOWRANK", drop == "lowrank"))
 
     k = "_fused_gemm_dropout_kernel"
-    common = dict(i64_pointers=("seed_ptr",), configs="dropout")
+    common = dict(configs="dropout")
     return [
         Variant(k, "dropout: drop(x) A^T", flags(True, False, False, "x"), ("stride_xk", "stride_wk", "stride_yn"),
                 ("y_ptr",), **common),
