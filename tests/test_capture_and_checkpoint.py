@@ -104,6 +104,7 @@ def test_measured_autotune_under_activation_checkpointing(gen, use_reentrant):
         assert rel_err(got, want) < 1e-6
 
 
+@pytest.mark.interpreter
 def test_kernel_overrides_reach_a_backward_in_another_thread(gen, monkeypatch):
     """use_lowrank_backward / use_gemm_kernel around the forward hold for its backward even when
     the backward runs in a thread that never saw them (CUDA's autograd threads)."""

@@ -407,6 +407,12 @@ def test_in_place_residual_under_fsdp2(backend, distributed_runs):
 def test_view_warning_is_caught(fsdp_run):
     """The control: a view returned by a wrapped module is reported, so the checks for no such
     warning are live (the workers of both backends record warnings with the same code)."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+
+    if VIEW_WARNING not in inspect.getsource(_fsdp_state):
+        pytest.skip(f"this torch's FSDP2 ({torch.__version__}) has no view warning to catch")
     assert all(len(rank["view_control"]["view_warnings"]) > 0 for rank in fsdp_run["ranks"])
 
 

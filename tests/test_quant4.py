@@ -211,6 +211,7 @@ def test_op_16_bit(backend, gen, dtype):
     check_op(weight, t, 2.0, TOL[dtype], gen)
 
 
+@pytest.mark.interpreter
 @pytest.mark.cpu_only  # an identity of the interpreter's tiles; compiled kernels tile the two GEMMs differently
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rounding_is_bitsandbytes_dequantized_weight(gen, dtype):
@@ -229,6 +230,7 @@ def test_rounding_is_bitsandbytes_dequantized_weight(gen, dtype):
     assert torch.equal(y4, y)
 
 
+@pytest.mark.interpreter
 @pytest.mark.cpu_only  # auto picks the torch path on the CPU only
 def test_paths(gen):
     """auto on the CPU: a torch path; the triton backend: the 4-bit kernel, also for strategy split
@@ -398,6 +400,7 @@ def test_torch_path_holds_one_layer_of_w(gen, strategy, dtype):
     assert tracker.worst <= 2
 
 
+@pytest.mark.interpreter
 def test_saved_tensors_are_small(gen):
     """Backward keeps x A^T (N, r) float32, x for grad_A, the adapter tensors and references to the
     quantized tensors themselves (the same storage, no copy); nothing of W's or y's size."""

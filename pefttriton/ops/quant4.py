@@ -190,7 +190,10 @@ def dequantize_4bit(weight: Quant4Weight, dtype: torch.dtype, use_bitsandbytes: 
     codes = torch.stack((packed >> 4, packed & 15), 1).view(-1)[:numel]
     values = weight.code[codes.int()]
     pad = -numel % weight.blocksize
-    values = torch.nn.functional.pad(values, (0, pad)).view(-1, weight.blocksize) * absmax_fp32(weight)[:, None]
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    # in place: at most two W-sized tensors alive at once (the float32 values, then the result)
+    values = values.view(-1, weight.blocksize).mul_(absmax_fp32(weight)[:, None])
     return values.view(-1)[:numel].view(m, n).to(dtype)
 
 
