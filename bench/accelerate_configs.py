@@ -84,14 +84,8 @@ def peft_model(base, config, second):
 
 
 def saved_bytes(model, ids) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[(str(t.device), t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids).logits
+    """Bytes autograd keeps for backward from one forward, parameters and buffers left out."""
+    storages, _ = measure.saved_storages(lambda: model(input_ids=ids).logits)
     own = {(str(t.device), t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers())}
     return sum(n for key, n in storages.items() if key not in own)
 

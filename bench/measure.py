@@ -11,6 +11,7 @@ import contextlib
 import random
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,31 +32,43 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.untyped_storage().data_ptr()
 
 
+def saved_storages(forward: Callable[[], object]) -> tuple[dict[tuple[str, int], int], int]:
+    """The storages autograd keeps for backward from ``forward()`` (its result held meanwhile), as
+    {(device, address): bytes}, and how many tensors it packed.
+
+    Each packed tensor is followed by weak reference and counts if it is still alive when
+    ``forward()`` has returned: a tensor saved by a side computation whose graph was dropped
+    before the end (say a norm computed and then detached) is not kept for backward, and its
+    memory may have been reused by a later one meanwhile.
+    """
+    refs = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    alive = [t for t in (ref() for ref in refs) if t is not None]
+    storages = {_storage_key(t): t.untyped_storage().nbytes() for t in alive if t.untyped_storage().data_ptr() != 0}
+    del out
+    return storages, len(refs)
+
+
 def saved_for_backward(module: nn.Module, x: torch.Tensor) -> Saved:
     """Bytes saved for backward by one ``module(x)``, parameters and buffers excluded.
 
     A tensor autograd packs counts with its whole storage (a view keeps its base alive), each
-    storage once however many ops save it; storages of the module's parameters and buffers (the
-    frozen weights, VeRA's shared projections) are left out, since they exist anyway. ``x`` counts
-    when kept: a layer inside a network would keep its input alive through it.
+    storage once however many ops save it (:func:`saved_storages`); storages of the module's
+    parameters and buffers (the frozen weights, VeRA's shared projections) are left out, since
+    they exist anyway. ``x`` counts when kept: a layer inside a network would keep its input alive
+    through it.
     """
     owned = {_storage_key(t) for t in (*module.parameters(), *module.buffers())}
-    seen: dict[tuple[str, int], int] = {}
-    packed = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal packed
-        packed += 1
-        key = _storage_key(t)
-        if key not in owned and key[1] != 0:
-            seen.setdefault(key, t.untyped_storage().nbytes())
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = module(x)
-    del y
-    x_key = _storage_key(x)
-    return Saved(total=sum(seen.values()), input=seen.get(x_key, 0), tensors=packed)
+    with torch.enable_grad():
+        storages, packed = saved_storages(lambda: module(x))
+    seen = {key: n for key, n in storages.items() if key not in owned}
+    return Saved(total=sum(seen.values()), input=seen.get(_storage_key(x), 0), tensors=packed)
 
 
 def synchronize(device: torch.device) -> None:

@@ -11,6 +11,7 @@ import copy
 import importlib
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -276,14 +277,18 @@ def test_dora_weight_norm_equals_peft(gen):
 
 
 def _saved_bytes(model, ids):
-    storages = {}
+    """Distinct storages of the saved tensors still alive after the forward (a tensor saved by a
+    side graph dropped during the forward is not kept for backward)."""
+    refs = []
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        refs.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids).logits.sum()
+        loss = model(input_ids=ids).logits.sum()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in refs) if t is not None}
+    del loss
     params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
     return sum(n for ptr, n in storages.items() if ptr not in params)
 

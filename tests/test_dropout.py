@@ -1,9 +1,10 @@
-"""Dropout of the adapter's input inside the engine, without storing a mask.
+"""Dropout of the adapter's input inside the engine, without storing a dropped copy of ``x``.
 
 PEFT computes ``y = x W^T + bias + s B A drop(x)``: the base GEMM reads ``x``, the low-rank path
 a dropped copy. The engine draws one seed per rank segment and regenerates the mask from it
 wherever ``x`` is read for the adapter (the Triton kernels inside their tiles, the PyTorch paths
-from a seeded generator). Each check compares the engine with the float64 formula evaluated on
+from a seeded generator); eager calls on the CPU keep the PyTorch paths' mask as bits instead,
+as the CPU's generator is slow. Each check compares the engine with the float64 formula evaluated on
 the masks the call drew (``dropout_masks`` rebuilds them from the seeds, which the tests catch
 by wrapping the seed draw).
 """
@@ -171,7 +172,8 @@ def test_checkpoint_recompute_draws_the_same_mask(gen, backend, use_reentrant):
 @pytest.mark.parametrize("path", ["lean", "fused"])
 def test_no_mask_and_no_dropped_copy_saved(gen, path):
     """Saved for backward with dropout: x A^T, the seeds, and x only when A trains; never a mask
-    or a dropped copy of x (nothing else of x's size)."""
+    or a dropped copy of x (nothing else of x's size); on the CPU's PyTorch path the mask as bits
+    (N x ceil(n / 8) bytes), when backward reads it (x or A trains)."""
     N, n, m, r = 64, 40, 48, 8
     for vera in (True, False):
         t, _ = _inputs(gen, N, n, m, r, torch.float32, vera)
@@ -191,6 +193,56 @@ def test_no_mask_and_no_dropped_copy_saved(gen, path):
         else:
             assert len(big) == 1 and big[0] is t["x"]
         assert any(s.dtype == torch.int64 and s.numel() == 1 for s in saved)  # the seed
+        bits = [s for s in saved if s.dtype == torch.uint8]
+        if path == "lean" and DEVICE.type == "cpu":
+            assert [b.shape for b in bits] == [(N, (n + 7) // 8)]
+        else:
+            assert bits == []
+
+
+def test_bits_are_the_mask():
+    """pack_bits against numpy's packbits (little bit order) at widths that do and do not fill a
+    byte; unpack_bits undoes it."""
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 7, 8, 29, 64):
+        keep = torch.rand(13, n, generator=gen) < 0.5
+        bits = engine.pack_bits(keep)
+        assert torch.equal(bits, torch.from_numpy(np.packbits(keep.numpy(), axis=1, bitorder="little")))
+        assert torch.equal(engine.unpack_bits(bits, n), keep)
+
+
+@pytest.mark.cpu_only  # the CPU keeps the mask; other devices draw it again
+def test_cpu_backward_reads_the_kept_mask_and_draws_nothing(gen, monkeypatch):
+    """Forward draws the mask once per dropping segment; backward draws none, and its gradients
+    equal those of a backward that draws the mask again from the seeds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Draws(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli):
+                Draws.count += 1
+            return func(*args, **(kwargs or {}))
+
+    t, trains = _inputs(gen, 37, 29, 23, 9, torch.float32, vera=False)
+    args = [t[k] for k in NAMES]
+
+    def step():
+        torch.manual_seed(4)
+        y = lowrank_linear(*args, dropout=[0.3, 0.0, 0.5], rank_segments=[2, 3, 4])
+        forward = Draws.count
+        return forward, torch.autograd.grad(y, [t[k] for k in trains], torch.ones_like(y))
+
+    with pefttriton.use_backend("torch"), pefttriton.use_strategy("lean"), Draws():
+        forward, kept = step()
+        assert forward == 2 and Draws.count == 2  # two dropping segments, drawn in forward only
+        monkeypatch.setattr(engine._Drop, "packed", lambda self: [])  # backward draws from the seeds
+        _, drawn = step()
+        assert Draws.count == 2 + 2 + 2
+    for name, a, b in zip(trains, kept, drawn):
+        assert torch.equal(a, b), name
 
 
 def test_dropout_arguments_are_checked(gen):

@@ -23,7 +23,7 @@ How PEFT's tensors map onto the engine (PEFT 0.21, ``tuners/lora/layer.py``,
     VeRA: A = vera_A[a][:, :in_features]  B = vera_B[a][:out_features, :]  (PEFT's slices)
           d = vera_lambda_d[a]            b = vera_lambda_b[a]            scale = 1
     dropout = p of lora_dropout[a] / vera_dropout[a] in training, 0 in eval (the engine drops
-          elements of the low-rank path's input only, as PEFT does, and keeps no mask)
+          elements of the low-rank path's input only, as PEFT does, keeping no dropped copy of x)
     DoRA: y = (magnitude / ||W + scale B A||) * (x W^T + scale B A x [+ scale lora_B.bias]) + bias,
           the norm per output row detached and computed without forming W + scale B A
 

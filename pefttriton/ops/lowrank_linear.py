@@ -140,6 +140,7 @@ class _Drop:
         self.parts = [(lo, hi, p, i) for i, (lo, hi, p) in enumerate(zip(bounds, bounds[1:], probs))]
         self._host_seeds = None
         self._masks = {}
+        self._packed = {}
 
     def kernel(self, i: int, cols: int) -> "kernels.Dropout | None":
         """The Triton kernels' dropout of segment ``i`` of an input with ``cols`` columns (None: p = 0)."""
@@ -156,13 +157,31 @@ class _Drop:
         (forward and backward each make their own) and then reused: backward reads it twice."""
         key = (i, tuple(shape), dtype)
         if key not in self._masks:
-            if self._host_seeds is None:
-                self._host_seeds = self.seeds.tolist()
-            p = self.parts[i][2]
-            generator = torch.Generator(device=device).manual_seed(self._host_seeds[i])
-            mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-            self._masks[key] = mask.mul_(1.0 / (1.0 - p))
+            scale = 1.0 / (1.0 - self.parts[i][2])
+            if i in self._packed:  # kept as bits: one gather from the 256 bytes' scaled masks
+                bits = self._packed[i]
+                table = unpack_bits(torch.arange(256, dtype=torch.uint8, device=device)[:, None], 8).to(dtype)
+                rows = table.mul_(scale).index_select(0, bits.view(-1).int())
+                self._masks[key] = rows.view(bits.shape[0], -1)[:, : shape[-1]]
+            else:
+                if self._host_seeds is None:
+                    self._host_seeds = self.seeds.tolist()
+                generator = torch.Generator(device=device).manual_seed(self._host_seeds[i])
+                mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - self.parts[i][2], generator=generator)
+                self._masks[key] = mask.mul_(scale)
         return self._masks[key]
+
+    def packed(self) -> list[Tensor]:
+        """The PyTorch paths' masks drawn so far, one per dropping segment, as bits (``pack_bits``):
+        what a backward on the CPU keeps instead of drawing them again (the CPU's generator is slow:
+        a draw costs about what a GEMM of the layer's size does; the bits cost 1/8 byte an element)."""
+        drawn = {i: mask for (i, _, _), mask in self._masks.items()}
+        return [pack_bits(drawn[i] != 0) for i in sorted(drawn)]
+
+    def restore(self, packed: Sequence[Tensor]) -> None:
+        """Takes the masks of :meth:`packed` (same segments, same order) instead of their seeds."""
+        dropping = [i for _, _, p, i in self.parts if p > 0]
+        self._packed = dict(zip(dropping, packed))
 
     def dropped(self, x: Tensor, i: int) -> Tensor:
         """``drop(x)`` for segment ``i`` in ``x``'s dtype (``x`` itself where p = 0), as nn.Dropout
@@ -170,6 +189,21 @@ class _Drop:
         if self.parts[i][2] == 0:
             return x
         return x * self.scaled_mask(i, x.shape, x.device, x.dtype)
+
+
+def pack_bits(keep: Tensor) -> Tensor:
+    """A bool matrix (N, n) as bits, uint8 (N, ceil(n / 8)); element j of a row is bit j % 8 of byte j // 8."""
+    N, n = keep.shape
+    k = torch.nn.functional.pad(keep.to(torch.uint8), (0, -n % 8)).view(N, -1, 8)
+    return (k << _BIT_SHIFTS.to(keep.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, n: int) -> Tensor:
+    """:func:`pack_bits` undone: the bool matrix (N, n)."""
+    return ((bits[..., None] >> _BIT_SHIFTS.to(bits.device)) & 1).view(bits.shape[0], -1)[:, :n].bool()
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def _make_drop(seeds: Tensor | None, probs: list[float], ranks: list[int]) -> _Drop | None:
@@ -575,23 +609,23 @@ def _(grad_y, x, xa, weight, bias, A, B, d, b, scale, needs, path, seeds, dropou
     return [grad if need else grad_y.new_empty(0) for grad, need in zip(grads, needs)]
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, packed=()):
     x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks = inputs
     needs = list(ctx.needs_input_grad[:7])
     # x is kept only for weight gradients of A (LoRA) or W; VeRA's backward needs x A^T alone (and,
     # with dropout, the seeds that draw the mask again).
     keep_x = needs[1] or needs[3]
-    ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, A, B, d, b, seeds)
+    ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, A, B, d, b, seeds, *packed)
     ctx.scale, ctx.needs, ctx.path, ctx.dropout, ctx.ranks = scale, needs, path, dropout, ranks
 
 
 def _saved(ctx, grad_y):
-    x, xa, weight, bias, A, B, d, b, seeds = ctx.saved_tensors
-    return (grad_y.new_empty(0) if x is None else x), xa, weight, bias, A, B, d, b, seeds
+    x, xa, weight, bias, A, B, d, b, seeds, *packed = ctx.saved_tensors
+    return (grad_y.new_empty(0) if x is None else x), xa, weight, bias, A, B, d, b, seeds, packed
 
 
 def _backward(ctx, grad_y, grad_xa):
-    x, xa, weight, bias, A, B, d, b, seeds = _saved(ctx, grad_y)
+    x, xa, weight, bias, A, B, d, b, seeds, _ = _saved(ctx, grad_y)
     grads = _lowrank_linear_bwd(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path,
                                 seeds, ctx.dropout, ctx.ranks)
     return (*[g if need else None for g, need in zip(grads, ctx.needs)], *([None] * 5))
@@ -602,20 +636,28 @@ _lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerLowRankLinear(torch.autograd.Function):
     """The op for eager calls: the same forward and backward as the custom ops above (and the same
-    saved tensors), without the custom-op dispatch around each (tens of microseconds per call,
-    which dominate small layers). ``torch.compile`` traces the custom ops instead (one graph node)."""
+    saved tensors, plus on the CPU the dropout masks as bits), without the custom-op dispatch around
+    each (tens of microseconds per call, which dominate small layers). ``torch.compile`` traces the
+    custom ops instead (one graph node)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks):
-        y, xa = _forward(x, weight, bias, A, B, d, b, scale, path, _make_drop(seeds, dropout, ranks))
-        _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks), (y, xa))
+        drop = _make_drop(seeds, dropout, ranks)
+        y, xa = _forward(x, weight, bias, A, B, d, b, scale, path, drop)
+        # The PyTorch paths' masks on the CPU travel to backward as bits (_Drop.packed), saved with
+        # the rest; the Triton kernels and other devices draw them again from the seeds.
+        reads_mask = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]  # grad_x, grad_A
+        packed = drop.packed() if drop is not None and reads_mask and x.device.type == "cpu" else ()
+        _setup_context(ctx, (x, weight, bias, A, B, d, b, scale, path, seeds, dropout, ranks), (y, xa), packed)
         ctx.overrides = chooser.kernel_overrides()  # the backward may run in another thread
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, weight, bias, A, B, d, b, seeds = _saved(ctx, grad_y)
+        x, xa, weight, bias, A, B, d, b, seeds, packed = _saved(ctx, grad_y)
         drop = _make_drop(seeds, ctx.dropout, ctx.ranks)
+        if packed:
+            drop.restore(packed)
         with chooser.kernel_overrides_set(ctx.overrides):
             grads = _backward_grads(grad_y, x, xa, weight, bias, A, B, d, b, ctx.scale, ctx.needs, ctx.path, drop)
         return (*grads, *([None] * 5))
@@ -657,11 +699,12 @@ def lowrank_linear(
             summing to r: several adapters concatenated, each with its own dropout mask. Default:
             one segment.
 
-    Dropout keeps no mask: each call draws one seed per segment from the generator of ``x``'s
-    device (the Triton paths; the CPU generator for the PyTorch paths), so ``torch.manual_seed``
-    reproduces a run and activation checkpointing's recompute (which restores the RNG state) draws
-    the same mask; forward and backward draw the mask again from the seed wherever they read the
-    adapter's input. The ``weight`` strategy cannot drop (it folds the adapter into ``W``).
+    Dropout keeps no dropped copy of ``x``: each call draws one seed per segment from the generator
+    of ``x``'s device (the Triton paths; the CPU generator for the PyTorch paths), so
+    ``torch.manual_seed`` reproduces a run and activation checkpointing's recompute (which restores
+    the RNG state) draws the same mask; forward and backward draw the mask again from the seed
+    wherever they read the adapter's input, except eager calls on the CPU, which keep the PyTorch
+    paths' mask as bits (1/8 byte an element; the CPU's generator is slow). The ``weight`` strategy cannot drop (it folds the adapter into ``W``).
 
     Every tensor may have any strides. Under ``torch.autocast`` the op behaves like ``F.linear``:
     ``x``, ``weight``, ``bias``, ``A`` and ``B`` are cast to the autocast dtype (float64 ones are
