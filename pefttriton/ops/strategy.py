@@ -281,9 +281,16 @@ def kernel_overrides() -> tuple[str, str]:
     return _LOWRANK_BACKWARD.var.get(), _GEMM_KERNEL.var.get()
 
 
-@contextlib.contextmanager
 def kernel_overrides_set(overrides: tuple[str, str]):
-    """Inside the block, the settings :func:`kernel_overrides` returned."""
+    """Inside the block, the settings :func:`kernel_overrides` returned (a no-op context where they
+    are this context's already: the common case, and a backward's per-call cost)."""
+    if overrides == kernel_overrides():
+        return contextlib.nullcontext()
+    return _overrides_set(overrides)
+
+
+@contextlib.contextmanager
+def _overrides_set(overrides: tuple[str, str]):
     with use_lowrank_backward(overrides[0]), use_gemm_kernel(overrides[1]):
         yield
 
