@@ -17,11 +17,8 @@ functions that the compiler needs), started in the background with the test sess
 """
 
 import json
-import os
-import sys
 from pathlib import Path
 
-import background
 import pytest
 import torch
 

@@ -26,6 +26,7 @@ from pefttriton.kernels.launch import acc_dtype
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
+    check_adapter,
     check_dropout,
     check_scale,
     check_tensor,
@@ -725,24 +726,8 @@ def lowrank_linear(
             x, weight, bias, A, B = (autocast_cast(t, dtype) for t in (x, weight, bias, A, B))
             d, b = autocast_cast(d, torch.float32), autocast_cast(b, torch.float32)
     m, n = check_x_and_weight(x, weight)
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 2:
-        raise ValueError(f"A must be a 2-D (r, in_features) tensor, got shape {tuple(A.shape)}")
-    r = A.shape[0]
-    if r < 1:
-        raise ValueError(f"rank r must be >= 1, got A of shape {tuple(A.shape)}")
-    same = (x.dtype,)
-    with_fp32 = (x.dtype, torch.float32)
-    check_tensor("weight", weight, (m, n), x, same)
-    check_tensor("A", A, (r, n), x, same)
-    check_tensor("B", B, (m, r), x, same)
-    if bias is not None:
-        check_tensor("bias", bias, (m,), x, same)
-    if d is not None:
-        check_tensor("d", d, (r,), x, with_fp32)
-    if b is not None:
-        check_tensor("b", b, (m,), x, with_fp32)
+    check_tensor("weight", weight, (m, n), x, (x.dtype,))
+    r = check_adapter(x, m, n, A, B, bias, d, b)
     scale = check_scale(scale)
     probs, ranks = check_dropout(dropout, rank_segments, r)
     dropping = any(p > 0 for p in probs)

@@ -47,8 +47,8 @@ from pefttriton.ops.lowrank_linear import (
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
+    check_adapter,
     check_scale,
-    check_tensor,
     flatten_tokens,
     no_autocast,
 )
@@ -407,20 +407,7 @@ def lowrank_linear_4bit(
         raise ValueError(f"x must have shape (..., {n}) to match weight (out_features={m}, in_features={n}), got {tuple(x.shape)}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}; put all inputs on one device")
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 2 or A.shape[0] < 1:
-        raise ValueError(f"A must be a 2-D (r, in_features) tensor with r >= 1, got shape {tuple(A.shape)}")
-    r = A.shape[0]
-    same, with_fp32 = (x.dtype,), (x.dtype, torch.float32)
-    check_tensor("A", A, (r, n), x, same)
-    check_tensor("B", B, (m, r), x, same)
-    if bias is not None:
-        check_tensor("bias", bias, (m,), x, same)
-    if d is not None:
-        check_tensor("d", d, (r,), x, with_fp32)
-    if b is not None:
-        check_tensor("b", b, (m,), x, with_fp32)
+    r = check_adapter(x, m, n, A, B, bias, d, b)
     scale = check_scale(scale)
     trains = _trains(x, A, B, d, b)
     if torch.compiler.is_compiling():

@@ -41,6 +41,32 @@ def check_tensor(name: str, t, shape: tuple, like: Tensor, dtypes: tuple, what: 
         raise ValueError(f"{name} is on {t.device} but x is on {like.device}; put all inputs on one device")
 
 
+def check_rank(A, n: int, like: Tensor) -> int:
+    """``A`` is the (r, n) down projection, r >= 1, of ``like``'s dtype and device; returns r."""
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2 or A.shape[0] < 1:
+        raise ValueError(f"A must be a 2-D (r, in_features) tensor with rank r >= 1, got shape {tuple(A.shape)}")
+    check_tensor("A", A, (A.shape[0], n), like, (like.dtype,))
+    return A.shape[0]
+
+
+def check_adapter(x: Tensor, m: int, n: int, A, B, bias, d=None, b=None) -> int:
+    """The engine's adapter tensors against ``x`` (..., n) and a base of ``m`` outputs: ``A``
+    (r, n), ``B`` (m, r) and ``bias`` (m,) of ``x``'s dtype, ``d`` (r,) and ``b`` (m,) of ``x``'s
+    dtype or float32 (each optional but A and B); all on ``x``'s device. Returns r."""
+    r = check_rank(A, n, x)
+    same, with_fp32 = (x.dtype,), (x.dtype, torch.float32)
+    check_tensor("B", B, (m, r), x, same)
+    if bias is not None:
+        check_tensor("bias", bias, (m,), x, same)
+    if d is not None:
+        check_tensor("d", d, (r,), x, with_fp32)
+    if b is not None:
+        check_tensor("b", b, (m,), x, with_fp32)
+    return r
+
+
 def check_scale(scale) -> float:
     """A finite real ``scale``. Under ``torch.compile(dynamic=True)`` a module's float attribute
     arrives symbolic; its finiteness was checked when it was set, so it is taken as it is."""

@@ -41,6 +41,7 @@ from pefttriton.ops.lowrank_linear import lowrank_linear, mm_acc, time_path
 from pefttriton.ops.validation import (
     autocast_cast,
     autocast_dtype,
+    check_adapter,
     check_tensor,
     check_x_and_weight,
     flatten_tokens,
@@ -394,16 +395,8 @@ def _bank_linear(x, weight, bias, A, B, lambda_d, lambda_b, adapter_ids, check_i
             x, weight, bias, A, B = (autocast_cast(t, dtype) for t in (x, weight, bias, A, B))
             lambda_d, lambda_b = autocast_cast(lambda_d, torch.float32), autocast_cast(lambda_b, torch.float32)
     m, n = check_x_and_weight(x, weight)
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 2 or A.shape[0] < 1:
-        raise ValueError(f"A must be a 2-D (r, in_features) tensor with r >= 1, got shape {tuple(A.shape)}")
-    r = A.shape[0]
-    same, with_fp32 = (x.dtype,), (x.dtype, torch.float32)
-    check_tensor("A", A, (r, n), x, same)
-    check_tensor("B", B, (m, r), x, same)
-    if bias is not None:
-        check_tensor("bias", bias, (m,), x, same)
+    r = check_adapter(x, m, n, A, B, bias)
+    with_fp32 = (x.dtype, torch.float32)
     if not isinstance(lambda_d, Tensor) or lambda_d.dim() != 2 or lambda_d.shape[0] < 1:
         got = tuple(lambda_d.shape) if isinstance(lambda_d, Tensor) else type(lambda_d).__name__
         raise ValueError(f"lambda_d must be a (num_adapters, r) = (K, {r}) tensor with K >= 1, got {got}")
